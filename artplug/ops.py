@@ -1,0 +1,107 @@
+"""Tensor helpers for perturbation plugins: projection, random starts and steepest-ascent steps.
+
+All functions work on batches (first dimension = examples) in pixel space [0, 1] and never
+touch model parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from artplug.kinds import Threat
+
+# Guards divisions by a per-example norm that can be exactly zero (a zero gradient, eps = 0).
+_TINY = 1e-12
+
+
+def _per_example_l2(t: Tensor) -> Tensor:
+    """L2 norm of each example, shaped to broadcast against ``t``."""
+    norms = t.flatten(1).norm(p=2, dim=1)
+    return norms.view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(x_adv: Tensor, x: Tensor, threat: Threat) -> Tensor:
+    """Project ``x_adv`` onto ``threat``'s ball around ``x``, then clip to [0, 1].
+
+    Clipping after the projection keeps the point inside the ball: since ``x`` is in [0, 1],
+    clipping only moves coordinates towards ``x``.
+    """
+    delta = x_adv - x
+    if threat.norm == "linf":
+        delta = delta.clamp(-threat.eps, threat.eps)
+    else:
+        factor = (threat.eps / (_per_example_l2(delta) + _TINY)).clamp(max=1.0)
+        delta = delta * factor
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def random_start(x: Tensor, threat: Threat) -> Tensor:
+    """A point drawn uniformly from the threat ball around ``x`` (clipped to [0, 1]).
+
+    L-inf: each coordinate uniform in [-eps, eps]. L2: a uniformly random direction and a
+    radius ``eps * u ** (1/d)`` with ``u ~ U(0, 1)``, which is uniform in the ball's volume.
+    """
+    if threat.norm == "linf":
+        delta = torch.empty_like(x).uniform_(-threat.eps, threat.eps)
+    else:
+        direction = torch.randn_like(x)
+        direction = direction / (_per_example_l2(direction) + _TINY)
+        dims = x[0].numel()
+        radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype) ** (1.0 / dims)
+        delta = direction * (threat.eps * radius).view(-1, *([1] * (x.dim() - 1)))
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def ascent_step(grad: Tensor, step_size: float, norm: str) -> Tensor:
+    """The steepest-ascent step of length ``step_size`` for ``norm``.
+
+    L-inf: ``step_size * sign(grad)``. L2: ``step_size * grad / ||grad||_2`` per example.
+    """
+    if norm == "linf":
+        return step_size * grad.sign()
+    return step_size * grad / (_per_example_l2(grad) + _TINY)
+
+
+def logit_scale(model: nn.Module) -> float:
+    """The factor that turns ``model``'s outputs into softmax logits (1.0 for ordinary models).
+
+    A model transform whose head outputs bounded scores (hypersphere embedding: cosines) sets
+    the attribute ``artplug_logit_scale`` on the model; softmax-based losses multiply the
+    outputs by this factor, while terms defined on the raw outputs (logit pairing) do not.
+    """
+    return float(getattr(model, "artplug_logit_scale", 1.0))
+
+
+def attack_logit_scale(model: nn.Module) -> float:
+    """The factor applied to ``model``'s outputs inside training attacks (default: logit_scale)."""
+    return float(getattr(model, "artplug_attack_logit_scale", logit_scale(model)))
+
+
+def projected_ascent(
+    model: nn.Module,
+    x: Tensor,
+    start: Tensor,
+    threat: Threat,
+    objective: Callable[[Tensor], Tensor],
+    *,
+    steps: int,
+    step_size: float,
+) -> Tensor:
+    """Maximise ``objective(model(x_adv))`` over the threat ball around ``x``, from ``start``.
+
+    Each of the ``steps`` iterations takes :func:`ascent_step` along the gradient with respect
+    to the input only (``torch.autograd.grad``: no ``.grad`` lands on parameters), then
+    :func:`project`\\ s back. ``objective`` maps the model's outputs to a scalar; make it a sum
+    over examples so each example's step does not depend on the batch size. Works under
+    ``torch.no_grad()`` callers too. Returns a detached tensor.
+    """
+    x_adv = start.detach()
+    with torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(model(x_adv)), x_adv)
+            x_adv = project(x_adv.detach() + ascent_step(grad, step_size, threat.norm), x, threat)
+    return x_adv.detach()

@@ -1,0 +1,633 @@
+"""Recipes: TOML files that combine techniques by name, validated strictly and all at once.
+
+Pipeline (DESIGN §5):
+
+1. parse the TOML (a syntax error names the file, line and column);
+2. apply ``--set key=value`` overrides (values in TOML syntax; a bare word is a string);
+3. validate the fixed sections (``[run]``, ``[data]``, ``[model]``, ``[optim]``, ``[threat]``,
+   ``[eval]``, ``[tracking]``) with pydantic models that forbid unknown keys;
+4. resolve every technique table's ``use`` against the registries (did-you-mean on a typo);
+5. validate each technique's own ``Params``;
+6. cross-check (loss ids unique, schedule knobs known and disjoint, evaluation attack names);
+7. return a :class:`ResolvedRecipe` with every default filled in.
+
+Every problem from steps 3-6 is collected and reported together in one :class:`RecipeError`,
+each prefixed by its location, e.g. ``loss[0] (trades).beta: Input should be a valid number``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from artplug.data import DATASETS
+from artplug.errors import RecipeError
+from artplug.evaluate import ATTACKS
+from artplug.kinds import Kind, Threat
+from artplug.models import ARCHITECTURES
+from artplug.registry import Registries
+
+# Keys a technique table keeps for the engine; every other key goes to the technique's Params.
+RESERVED_KEYS: dict[Kind, tuple[str, ...]] = {
+    "perturbation": ("use", "model_mode"),
+    "loss": ("use", "id", "weight"),
+    "transform": ("use",),
+    "schedule": ("use",),
+}
+TABLE_OF_KIND: dict[Kind, str] = {
+    "perturbation": "perturbation",
+    "loss": "loss",
+    "transform": "transform",
+    "schedule": "schedule",
+}
+GLOBAL_KNOBS = ("lr_scale", "threat.eps_scale")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    """``[run]``: identity, length and hardware of the run."""
+
+    name: str = "artplug-run"
+    seed: int = 0
+    epochs: int = Field(10, ge=1)
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="mixed precision; 'auto' = bf16 on CUDA, off on CPU"
+    )
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="channels_last memory format; 'auto' = on for CUDA"
+    )
+    log_every: int = Field(20, ge=1, description="optimizer steps between metric syncs")
+    out_dir: str = Field("runs", description="folder for run folders (checkpoints, results)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or value.startswith("cuda:"):
+            return value
+        raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
+
+
+class DataSection(_Section):
+    """``[data]``: which dataset, where it lives and how it is batched."""
+
+    dataset: Literal[DATASETS] = "digits"  # type: ignore[valid-type]
+    root: str | None = Field(None, description="dataset folder (default ~/.cache/artplug/data)")
+    download: bool = Field(False, description="let torchvision download the files if missing")
+    batch_size: int = Field(128, ge=1)
+    augment: Literal["auto", "on", "off"] = Field(
+        "auto", description="random crop + flip; 'auto' = on for 32x32 datasets, off for digits"
+    )
+    val_size: int | None = Field(None, ge=1, description="validation examples held out of train")
+
+
+class ModelSection(_Section):
+    """``[model]``: the architecture (normalization is inside the model)."""
+
+    arch: Literal[ARCHITECTURES] = "small-cnn"  # type: ignore[valid-type]
+    depth: int = Field(28, ge=1, description="wide-resnet depth")
+    width: int = Field(10, ge=1, description="wide-resnet widen factor")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class OptimSection(_Section):
+    """``[optim]``: the optimizer; ``lr`` is the base rate that LR schedules scale."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0.0)
+
+
+class ThreatSection(_Section):
+    """``[threat]``: one threat model for training attacks and evaluation, pixel space [0, 1]."""
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(8 / 255, ge=0.0)
+
+    def threat(self) -> Threat:
+        """As the :class:`Threat` dataclass handed to techniques."""
+        return Threat(self.norm, self.eps)
+
+
+class EvalSection(_Section):
+    """``[eval]``: validation during training and the final evaluation, both through ART."""
+
+    every_epochs: int = Field(
+        1,
+        ge=0,
+        description="validate every N epochs; 0 = never (the test split is always run at the end)",
+    )
+    attacks: list[str] = Field(default_factory=lambda: ["clean", "pgd-20"])
+    final_attacks: list[str] = Field(default_factory=lambda: ["clean", "fgsm", "pgd-20", "pgd-50"])
+    n_examples: int = Field(500, ge=1, description="size of the seeded validation subset")
+    test_examples: int | None = Field(None, ge=1, description="None = the full test split")
+    batch_size: int = Field(512, ge=1)
+
+
+class TrackingSection(_Section):
+    """``[tracking]``: where the run is recorded."""
+
+    backend: Literal["mlflow", "none"] = "mlflow"
+    experiment: str = "artplug"
+    uri: str | None = Field(None, description="None = MLFLOW_TRACKING_URI or MLflow's default")
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "run": RunSection,
+    "data": DataSection,
+    "model": ModelSection,
+    "optim": OptimSection,
+    "threat": ThreatSection,
+    "eval": EvalSection,
+    "tracking": TrackingSection,
+}
+TECHNIQUE_TABLES = ("transform", "perturbation", "loss", "schedule")
+ALL_TABLES = (*SECTIONS, *TECHNIQUE_TABLES)
+
+
+@dataclass(frozen=True)
+class TechniqueSpec:
+    """A technique chosen by the recipe, with validated parameters."""
+
+    kind: Kind
+    use: str
+    params: BaseModel
+    cls: type[Any]
+    plugin: str
+    location: str
+    id: str = ""
+    weight: float = 1.0
+    model_mode: Literal["eval", "train"] = "eval"
+
+    def build(self) -> Any:
+        """Instantiate the technique class with its params."""
+        return self.cls(self.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The table as it would be written in a resolved recipe."""
+        table: dict[str, Any] = {"use": self.use}
+        if self.kind == "loss":
+            table["id"] = self.id
+            table["weight"] = self.weight
+        if self.kind == "perturbation":
+            table["model_mode"] = self.model_mode
+        table.update(self.params.model_dump(mode="json"))
+        return table
+
+
+@dataclass(frozen=True)
+class ResolvedRecipe:
+    """A validated recipe with every default filled in: what is logged and what re-runs consume."""
+
+    source: str
+    run: RunSection
+    data: DataSection
+    model: ModelSection
+    optim: OptimSection
+    threat: ThreatSection
+    eval: EvalSection
+    tracking: TrackingSection
+    perturbation: TechniqueSpec
+    transforms: tuple[TechniqueSpec, ...] = ()
+    losses: tuple[TechniqueSpec, ...] = ()
+    schedules: tuple[TechniqueSpec, ...] = ()
+    techniques: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON/TOML-able), sections in a fixed order."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            section: _Section = getattr(self, name)
+            out[name] = section.model_dump(mode="json")
+        out["transform"] = [t.to_dict() for t in self.transforms]
+        out["perturbation"] = self.perturbation.to_dict()
+        out["loss"] = [t.to_dict() for t in self.losses]
+        out["schedule"] = [t.to_dict() for t in self.schedules]
+        return out
+
+    def to_toml(self) -> str:
+        """The resolved recipe as TOML that :func:`load_recipe` accepts unchanged."""
+        header = f"# Resolved from {self.source}; every default filled in.\n"
+        return header + dumps_toml(self.to_dict())
+
+    def summary(self) -> str:
+        """A short label of the technique stack, e.g. ``pgd + cross-entropy``."""
+        return " + ".join(self.techniques)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(
+    path: str | Path,
+    registries: Registries,
+    overrides: Sequence[str] = (),
+    *,
+    failure_hint: str = "",
+) -> ResolvedRecipe:
+    """Read, override, validate and resolve the recipe at ``path``."""
+    source = str(path)
+    file = Path(path)
+    if not file.is_file():
+        raise RecipeError(source, ["file not found" if not file.exists() else "not a file"])
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(source, [f"invalid TOML: {exc}"]) from None
+    except UnicodeDecodeError:
+        raise RecipeError(source, ["not a UTF-8 text file"]) from None
+    return resolve(raw, registries, source=source, overrides=overrides, failure_hint=failure_hint)
+
+
+def resolve(
+    raw: Mapping[str, Any],
+    registries: Registries,
+    *,
+    source: str = "<recipe>",
+    overrides: Sequence[str] = (),
+    failure_hint: str = "",
+) -> ResolvedRecipe:
+    """Validate a parsed recipe; raise one :class:`RecipeError` listing every problem."""
+    data = _deep_copy(raw)
+    problems: list[str] = []
+    for override in overrides:
+        try:
+            apply_override(data, override)
+        except ValueError as exc:
+            problems.append(f"--set {override}: {exc}")
+    if problems:
+        raise RecipeError(source, problems)
+
+    for key in data:
+        if key not in ALL_TABLES:
+            problems.append(f"{key}: unknown table{_suggest(key, ALL_TABLES)}")
+
+    sections: dict[str, Any] = {}
+    for name, model in SECTIONS.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            problems.append(f"{name}: must be a table [{name}]")
+            continue
+        try:
+            sections[name] = model.model_validate(table)
+        except ValidationError as exc:
+            problems.extend(_render(exc, name))
+
+    perturbation_raw = data.get("perturbation", {"use": "none"})
+    specs: dict[str, list[TechniqueSpec]] = {"transform": [], "loss": [], "schedule": []}
+    perturbation: TechniqueSpec | None = None
+    if not isinstance(perturbation_raw, dict):
+        problems.append("perturbation: must be a single table [perturbation]")
+    else:
+        perturbation = _technique(
+            "perturbation", "perturbation", perturbation_raw, registries, problems, failure_hint
+        )
+    for kind in ("transform", "loss", "schedule"):
+        tables = data.get(kind, [])
+        if not isinstance(tables, list):
+            problems.append(f"{kind}: must be an array of tables [[{kind}]]")
+            continue
+        for index, table in enumerate(tables):
+            location = f"{kind}[{index}]"
+            if not isinstance(table, dict):
+                problems.append(f"{location}: must be a table")
+                continue
+            spec = _technique(kind, location, table, registries, problems, failure_hint)
+            if spec is not None:
+                specs[kind].append(spec)
+    if not data.get("loss"):
+        problems.append(
+            'loss: at least one [[loss]] table is required, e.g. [[loss]] use = "cross-entropy"'
+        )
+
+    _cross_check(sections, perturbation, specs, problems)
+    if problems or perturbation is None:
+        raise RecipeError(source, problems)
+
+    stack = [perturbation.use] if perturbation.use != "none" else []
+    stack += [s.use for s in specs["transform"]] + [s.use for s in specs["loss"]]
+    return ResolvedRecipe(
+        source=source,
+        perturbation=perturbation,
+        transforms=tuple(specs["transform"]),
+        losses=tuple(specs["loss"]),
+        schedules=tuple(specs["schedule"]),
+        techniques=tuple(stack),
+        **sections,
+    )
+
+
+def _technique(
+    kind: Kind,
+    location: str,
+    table: dict[str, Any],
+    registries: Registries,
+    problems: list[str],
+    failure_hint: str,
+) -> TechniqueSpec | None:
+    use = table.get("use")
+    if not isinstance(use, str):
+        installed = ", ".join(registries.of(kind).names()) or "(none)"
+        problems.append(f"{location}: missing 'use = \"<name>\"'; installed: {installed}")
+        return None
+    registry = registries.of(kind)
+    if use not in registry:
+        problems.append(f"{location}: {registry.unknown_message(use)}{failure_hint}")
+        return None
+    entry = registry.get(use)
+    params_raw = {k: v for k, v in table.items() if k not in RESERVED_KEYS[kind]}
+    label = f"{location} ({use})"
+    ok = True
+    try:
+        params = entry.cls.Params.model_validate(params_raw)
+    except ValidationError as exc:
+        problems.extend(_render(exc, label))
+        ok = False
+    extra: dict[str, Any] = {}
+    if kind == "loss":
+        term_id = table.get("id", use)
+        weight = table.get("weight", 1.0)
+        if not isinstance(term_id, str) or not term_id:
+            problems.append(f"{label}.id: must be a non-empty string")
+            ok = False
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not math.isfinite(weight)
+        ):
+            problems.append(f"{label}.weight: must be a finite number")
+            ok = False
+        extra = {"id": term_id, "weight": float(weight) if ok else 1.0}
+    if kind == "perturbation":
+        mode = table.get("model_mode", "eval")
+        if mode not in ("eval", "train"):
+            problems.append(f'{label}.model_mode: must be "eval" or "train", got {mode!r}')
+            ok = False
+        extra = {"model_mode": mode}
+    if not ok:
+        return None
+    return TechniqueSpec(
+        kind=kind,
+        use=use,
+        params=params,
+        cls=entry.cls,
+        plugin=entry.plugin,
+        location=location,
+        **extra,
+    )
+
+
+def _cross_check(
+    sections: Mapping[str, Any],
+    perturbation: TechniqueSpec | None,
+    specs: Mapping[str, list[TechniqueSpec]],
+    problems: list[str],
+) -> None:
+    ids: dict[str, str] = {}
+    for spec in specs["loss"]:
+        if spec.id in ids:
+            problems.append(
+                f"{spec.location}.id: {spec.id!r} is also the id of {ids[spec.id]}; "
+                'give one of them a distinct id = "..."'
+            )
+        ids[spec.id] = spec.location
+
+    known = set(GLOBAL_KNOBS)
+    if perturbation is not None:
+        known |= {f"perturbation.{f}" for f in type(perturbation.params).model_fields}
+    for spec in specs["loss"]:
+        known.add(f"loss.{spec.id}.weight")
+        known |= {f"loss.{spec.id}.{f}" for f in type(spec.params).model_fields}
+    owner: dict[str, str] = {}
+    for spec in specs["schedule"]:
+        try:
+            knobs = spec.build().knobs()
+        except Exception as exc:  # a schedule that cannot even say its knobs is unusable
+            problems.append(f"{spec.location} ({spec.use}): cannot be built: {exc}")
+            continue
+        for knob in sorted(knobs):
+            if knob not in known:
+                problems.append(
+                    f"{spec.location} ({spec.use}): sets unknown knob {knob!r}; "
+                    f"this recipe has {', '.join(sorted(known))}"
+                )
+            elif knob in owner:
+                problems.append(
+                    f"{spec.location} ({spec.use}): knob {knob!r} is already set by {owner[knob]}"
+                )
+            else:
+                owner[knob] = f"{spec.location} ({spec.use})"
+
+    evaluation = sections.get("eval")
+    if evaluation is not None:
+        for key in ("attacks", "final_attacks"):
+            for index, name in enumerate(getattr(evaluation, key)):
+                if name not in ATTACKS:
+                    problems.append(
+                        f"eval.{key}[{index}]: unknown attack {name!r}"
+                        f"{_suggest(name, ATTACKS)}; known: {', '.join(ATTACKS)}"
+                    )
+
+
+def _render(exc: ValidationError, prefix: str) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"])
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (not a parameter here)"
+        where = f"{prefix}.{loc}" if loc else prefix
+        lines.append(f"{where}: {message}")
+    return lines
+
+
+def _suggest(name: str, choices: Sequence[str] | Mapping[str, Any]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# --set overrides
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value in TOML syntax (``0.1``, ``true``, ``[1, 2]``, ``"a"``); else a string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        # Bare words (``--set data.dataset=cifar10``) are strings; anything with TOML syntax
+        # characters that failed to parse is a genuine mistake.
+        if any(ch in text for ch in "[]{}\"'"):
+            raise ValueError(f"{text!r} is not a valid TOML value") from None
+        return text
+
+
+def _split_key(key: str) -> list[str]:
+    # ``loss[0].beta`` and ``loss.0.beta`` mean the same thing.
+    return [part for part in key.replace("[", ".").replace("]", "").split(".") if part]
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``key=value`` override to the raw recipe in place."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError("expected KEY=VALUE, e.g. --set optim.lr=0.05")
+    parts = _split_key(key)
+    value = parse_value(text.strip())
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, parts[: depth + 1])
+        elif isinstance(node, dict):
+            if part not in node:
+                if depth == 0 and part not in ALL_TABLES:
+                    raise ValueError(f"unknown table {part!r}{_suggest(part, ALL_TABLES)}")
+                node[part] = [] if part in ("transform", "loss", "schedule") else {}
+            node = node[part]
+        else:
+            raise ValueError(f"{'.'.join(parts[: depth + 1])} is not a table")
+    last = parts[-1]
+    if isinstance(node, list):
+        index = _index(last, parts)
+        node[index] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ValueError(f"{'.'.join(parts[:-1])} is not a table")
+
+
+def _index(part: str, parts: Sequence[str]) -> int:
+    if not part.isdigit():
+        raise ValueError(f"{'.'.join(parts)}: expected an index like loss.0.weight")
+    return int(part)
+
+
+def _list_item(node: list[Any], part: str, parts: Sequence[str]) -> Any:
+    index = _index(part, parts)
+    if index >= len(node):
+        raise ValueError(f"{'.'.join(parts)}: the recipe has only {len(node)} such table(s)")
+    return node[index]
+
+
+# --------------------------------------------------------------------------------------------
+# TOML output (the resolved recipe); a small writer for the plain data this module produces.
+
+
+def _toml_key(key: str) -> str:
+    if key and all(ch.isalnum() or ch in "-_" for ch in key):
+        return key
+    return json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        # JSON string escapes are valid TOML basic-string escapes.
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(
+            f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None
+        )
+        return "{ " + inner + " }" if inner else "{}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _scalars(table: Mapping[str, Any]) -> list[str]:
+    # TOML has no null: a None (an automatic value) is left out, which re-reads as the default.
+    return [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+
+
+def dumps_toml(data: Mapping[str, Any]) -> str:
+    """Write nested plain data as TOML: tables, arrays of tables, scalars and lists."""
+    lines: list[str] = []
+    for name, value in data.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{_toml_key(name)}]", *_scalars(value)]
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for item in value:
+                lines += ["", f"[[{_toml_key(name)}]]", *_scalars(item)]
+        elif isinstance(value, list) and not value:
+            continue
+        else:
+            lines.append(f"{_toml_key(name)} = {_toml_value(value)}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# JSON schema
+
+
+def json_schema(registries: Registries) -> dict[str, Any]:
+    """The JSON schema of recipes, including every installed technique's parameters."""
+    defs: dict[str, Any] = {}
+    properties: dict[str, Any] = {}
+    for name, model in SECTIONS.items():
+        schema = model.model_json_schema()
+        defs.update(schema.pop("$defs", {}))
+        properties[name] = schema
+    for kind in TECHNIQUE_TABLES:
+        variants = []
+        for entry in registries.of(kind):  # type: ignore[arg-type]
+            schema = entry.cls.Params.model_json_schema()
+            defs.update(schema.pop("$defs", {}))
+            props = dict(schema.get("properties", {}))
+            props["use"] = {"const": entry.name, "description": entry.description}
+            if kind == "loss":
+                props["id"] = {"type": "string", "description": "knob prefix; default: use"}
+                props["weight"] = {"type": "number", "default": 1.0}
+            if kind == "perturbation":
+                props["model_mode"] = {"enum": ["eval", "train"], "default": "eval"}
+            variants.append(
+                {
+                    "title": entry.name,
+                    "type": "object",
+                    "properties": props,
+                    "required": ["use", *schema.get("required", [])],
+                    "additionalProperties": False,
+                }
+            )
+        table = {"anyOf": variants} if variants else {"type": "object"}
+        properties[kind] = table if kind == "perturbation" else {"type": "array", "items": table}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "artplug recipe",
+        "type": "object",
+        "properties": properties,
+        "additionalProperties": False,
+        "$defs": defs,
+    }

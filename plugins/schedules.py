@@ -1,0 +1,208 @@
+"""Generic training schedules: learning-rate shapes and an eps warm-up.
+
+Every schedule here is a pure function of :class:`artplug.Progress`, evaluated at the start of
+every optimizer step, and sets a *scale* knob: ``lr_scale`` multiplies ``[optim] lr`` and
+``threat.eps_scale`` multiplies the recipe's eps for training attacks.
+
+Sources of the shapes:
+
+- ``piecewise-lr``: step decay; the default milestones are the 110-epoch CIFAR-10 baseline of
+  T. Pang, X. Yang, Y. Dong, H. Su, J. Zhu, "Bag of Tricks for Adversarial Training", ICLR 2021
+  (arXiv:2010.00467): ×0.1 at epoch 100 and again at 105, evaluated on the fractional epoch.
+- ``cosine-lr``: cosine annealing (I. Loshchilov, F. Hutter, "SGDR", ICLR 2017,
+  arXiv:1608.03983) without restarts, after an optional linear warm-up.
+- ``cyclic-lr``: the triangular one-cycle shape of E. Wong, L. Rice, J. Z. Kolter, "Fast is
+  better than free", ICLR 2020 (peak at half of training) and of SLAT (Park & Lee, ICCV 2021;
+  peak at 2/5).
+- ``linear-eps-warmup``: eps grows linearly to the recipe's value (Bag of Tricks lists ε
+  warm-up among the tricks it tested).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+import artplug
+
+LR_SCALE = "lr_scale"
+EPS_SCALE = "threat.eps_scale"
+
+
+class PiecewiseLR:
+    """Step-decay learning rate: multiply by `factor` at each milestone epoch (Bag of Tricks).
+
+    ``lr_scale = factor ** k`` where ``k`` is the number of milestones ``<= progress.epoch_float``.
+    The fractional epoch is used, so the decay happens at the first step of (or inside) the
+    milestone epoch, as in the Bag-of-Tricks code. An empty list keeps the scale at 1.
+    """
+
+    name = "piecewise-lr"
+
+    class Params(BaseModel):
+        """Parameters of the ``piecewise-lr`` schedule."""
+
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        milestones: list[float] = Field(
+            default_factory=lambda: [100.0, 105.0],
+            description="epochs (fractional allowed) at which the scale is multiplied by factor",
+        )
+        factor: float = Field(0.1, gt=0.0, le=1.0, description="decay factor per milestone")
+
+        @field_validator("milestones")
+        @classmethod
+        def _increasing(cls, milestones: list[float]) -> list[float]:
+            if any(m < 0 for m in milestones):
+                raise ValueError(f"milestones must be >= 0 epochs, got {milestones}")
+            if any(b <= a for a, b in itertools.pairwise(milestones)):
+                raise ValueError(f"milestones must be strictly increasing, got {milestones}")
+            return milestones
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def knobs(self) -> frozenset[str]:
+        """``{"lr_scale"}``."""
+        return frozenset({LR_SCALE})
+
+    def values(self, progress: artplug.Progress) -> dict[str, float]:
+        """The step-decay scale at ``progress.epoch_float``."""
+        epoch = progress.epoch_float
+        passed = sum(1 for m in self.params.milestones if m <= epoch)
+        return {LR_SCALE: float(self.params.factor**passed)}
+
+
+class CosineLR:
+    """Cosine-annealed learning rate after an optional linear warm-up (SGDR without restarts).
+
+    During warm-up (``epoch_float < warmup_epochs``) the scale rises linearly from 0 to 1. After
+    it, the scale follows ``final + (1 - final) * (1 + cos(pi * t)) / 2`` where ``t`` runs from 0
+    at the end of warm-up to 1 at ``total_steps``, measured in steps. The last step of a run has
+    ``t = 1 - 1/remaining`` (steps count from 0), so the scale approaches but does not reach
+    ``final_scale``.
+    """
+
+    name = "cosine-lr"
+
+    class Params(BaseModel):
+        """Parameters of the ``cosine-lr`` schedule."""
+
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        warmup_epochs: float = Field(
+            0.0, ge=0.0, description="epochs of linear warm-up from 0 to 1 (0 = none)"
+        )
+        final_scale: float = Field(
+            0.0, ge=0.0, le=1.0, description="scale reached at the end of training"
+        )
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def knobs(self) -> frozenset[str]:
+        """``{"lr_scale"}``."""
+        return frozenset({LR_SCALE})
+
+    def values(self, progress: artplug.Progress) -> dict[str, float]:
+        """The warm-up or cosine scale at this step."""
+        warmup = self.params.warmup_epochs
+        if progress.epoch_float < warmup:
+            return {LR_SCALE: progress.epoch_float / warmup}
+        # Warm-up length in steps may be fractional (e.g. 0.5 epochs of 9 steps); t stays
+        # continuous either way, starting at exactly 0 when warm-up ends.
+        warmup_steps = warmup * progress.steps_per_epoch
+        remaining = progress.total_steps - warmup_steps
+        if remaining <= 0:
+            # Warm-up covers the whole run: nothing left to anneal.
+            return {LR_SCALE: 1.0}
+        t = min(1.0, max(0.0, (progress.step - warmup_steps) / remaining))
+        final = self.params.final_scale
+        return {LR_SCALE: final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))}
+
+
+class CyclicLR:
+    """Triangular one-cycle learning rate: up to 1 at `peak_at`, then down (FastAT, SLAT).
+
+    Linear from ``start_scale`` to 1 on ``[0, peak_at]`` and from 1 to ``end_scale`` on
+    ``[peak_at, 1]`` in ``progress.fraction`` (``step / total_steps``). FastAT peaks at 0.5 and
+    SLAT at 0.4, both going 0 -> 1 -> 0 (times a peak rate of 0.2). FastAT's code evaluates the
+    shape after the step (``(i + 1) / len(loader)``); here the first step has exactly
+    ``start_scale``, a one-step shift.
+    """
+
+    name = "cyclic-lr"
+
+    class Params(BaseModel):
+        """Parameters of the ``cyclic-lr`` schedule."""
+
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        peak_at: float = Field(
+            0.5, gt=0.0, lt=1.0, description="fraction of training at which the scale is 1"
+        )
+        start_scale: float = Field(0.0, ge=0.0, description="scale at the first step")
+        end_scale: float = Field(0.0, ge=0.0, description="scale at the end of training")
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def knobs(self) -> frozenset[str]:
+        """``{"lr_scale"}``."""
+        return frozenset({LR_SCALE})
+
+    def values(self, progress: artplug.Progress) -> dict[str, float]:
+        """The triangular scale at ``progress.fraction``."""
+        p = self.params
+        f = min(1.0, max(0.0, progress.fraction))
+        if f <= p.peak_at:
+            return {LR_SCALE: p.start_scale + (1.0 - p.start_scale) * f / p.peak_at}
+        return {LR_SCALE: 1.0 + (p.end_scale - 1.0) * (f - p.peak_at) / (1.0 - p.peak_at)}
+
+
+class LinearEpsWarmup:
+    """Linear eps warm-up: the training threat grows from `start_scale` × eps to eps.
+
+    ``threat.eps_scale = start_scale + (1 - start_scale) * min(1, epoch_float / warmup_epochs)``.
+    Only training attacks see the scaled eps; validation and the final evaluation always use the
+    recipe's eps. A perturbation whose ``step_size`` is left at its default (a multiple of eps)
+    scales its step with it.
+    """
+
+    name = "linear-eps-warmup"
+
+    class Params(BaseModel):
+        """Parameters of the ``linear-eps-warmup`` schedule."""
+
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        warmup_epochs: float = Field(
+            5.0, gt=0.0, description="epochs over which eps grows to its full value"
+        )
+        start_scale: float = Field(
+            0.0, ge=0.0, le=1.0, description="fraction of eps at the first step"
+        )
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def knobs(self) -> frozenset[str]:
+        """``{"threat.eps_scale"}``."""
+        return frozenset({EPS_SCALE})
+
+    def values(self, progress: artplug.Progress) -> dict[str, float]:
+        """The eps scale at ``progress.epoch_float``."""
+        p = self.params
+        ramp = min(1.0, progress.epoch_float / p.warmup_epochs)
+        return {EPS_SCALE: p.start_scale + (1.0 - p.start_scale) * ramp}
+
+
+@artplug.hookimpl
+def register_schedules(register: artplug.Register) -> None:
+    """Register ``piecewise-lr``, ``cosine-lr``, ``cyclic-lr`` and ``linear-eps-warmup``."""
+    register(PiecewiseLR)
+    register(CosineLR)
+    register(CyclicLR)
+    register(LinearEpsWarmup)

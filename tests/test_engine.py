@@ -1,0 +1,266 @@
+"""The engine: step order, knobs, no host sync in the step, checkpoints, device and AMP choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+import artplug
+from artplug import checkpoint as ckpt
+from artplug.engine import (
+    CHECKPOINT_NAME,
+    _amp_dtype,
+    _Meter,
+    apply_knobs,
+    build,
+    fit,
+    restore,
+    select_device,
+    train_step,
+)
+from artplug.errors import ArtplugError, CheckpointError
+from artplug.kinds import Progress
+from artplug.plugins import load_plugins
+from artplug.recipe import resolve
+from artplug.testing import digits_recipe
+
+CALLS: list[tuple] = []
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    size: float = 0.01
+
+
+class RecordingPerturbation:
+    """Records generate/after_backward; replays twice like FreeAT."""
+
+    name = "rec-perturbation"
+    Params = _Params
+    replays = 2
+
+    def __init__(self, params):
+        self.params = params
+
+    def generate(self, model, x, y, state):
+        CALLS.append(("generate", state.replay, model.training, state.threat.eps, self.params.size))
+        return (x + self.params.size).clamp(0, 1).detach()
+
+    def after_backward(self, input_grad, state):
+        CALLS.append(("after_backward", state.replay, input_grad is not None))
+
+
+class RecordingLoss:
+    """Cross-entropy on both logits, recording what it was given."""
+
+    name = "rec-loss"
+    Params = _Params
+    needs = frozenset({"clean", "adv"})
+
+    def __init__(self, params):
+        self.params = params
+
+    def __call__(self, out, state):
+        CALLS.append(
+            ("loss", state.replay, out.logits_clean is not None, out.logits_adv is not None)
+        )
+        return F.cross_entropy(out.logits_adv, out.y) + 0 * out.logits_clean.sum()
+
+
+class RecordingSchedule:
+    """Sets every kind of knob."""
+
+    name = "rec-schedule"
+    Params = _Params
+
+    def __init__(self, params):
+        self.params = params
+
+    def knobs(self):
+        return frozenset(
+            {"lr_scale", "threat.eps_scale", "perturbation.size", "loss.rec-loss.weight"}
+        )
+
+    def values(self, progress):
+        CALLS.append(("schedule", progress.step))
+        return {
+            "lr_scale": 0.5,
+            "threat.eps_scale": 0.25,
+            "perturbation.size": 0.02,
+            "loss.rec-loss.weight": 3.0,
+        }
+
+
+class RecordingPlugin:
+    @staticmethod
+    @artplug.hookimpl
+    def register_perturbations(register):
+        register(RecordingPerturbation)
+
+    @staticmethod
+    @artplug.hookimpl
+    def register_loss_terms(register):
+        register(RecordingLoss)
+
+    @staticmethod
+    @artplug.hookimpl
+    def register_schedules(register):
+        register(RecordingSchedule)
+
+
+@pytest.fixture(scope="module")
+def recording_registries():
+    return load_plugins(disabled=(), extra=[("rec", RecordingPlugin())], strict=True).registries
+
+
+def recording_components(registries):
+    raw = digits_recipe(
+        perturbation={"use": "rec-perturbation", "model_mode": "eval"},
+        loss=[{"use": "rec-loss"}],
+        schedule=[{"use": "rec-schedule"}],
+    )
+    return build(resolve(raw, registries))
+
+
+def test_step_order_is_exact(recording_registries):
+    c = recording_components(recording_registries)
+    x, y = next(iter(c.train_loader))
+    CALLS.clear()
+    train_step(c, x, y, Progress(0, 7, 10, 100))
+    eps = 0.1 * 0.25
+    assert CALLS == [
+        ("schedule", 7),
+        ("generate", 0, False, eps, 0.02),
+        ("loss", 0, True, True),
+        ("after_backward", 0, True),
+        ("generate", 1, False, eps, 0.02),
+        ("loss", 1, True, True),
+        ("after_backward", 1, True),
+    ]
+    assert c.model.training  # back in train mode after the attack
+    assert c.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5)
+    assert c.losses[0].weight == 3.0
+
+
+def test_attack_in_train_mode_when_recipe_says_so(recording_registries):
+    raw = digits_recipe(
+        perturbation={"use": "rec-perturbation", "model_mode": "train"},
+        loss=[{"use": "rec-loss"}],
+    )
+    c = build(resolve(raw, recording_registries))
+    x, y = next(iter(c.train_loader))
+    CALLS.clear()
+    train_step(c, x, y, Progress(0, 0, 10, 100))
+    assert CALLS[0] == ("generate", 0, True, 0.1, 0.01)
+
+
+def test_knobs_coerce_integer_params(plugin_set):
+    c = build(resolve(digits_recipe(), plugin_set.registries))
+    threat = apply_knobs(c, {"perturbation.steps": 3.6, "threat.eps_scale": 0.5})
+    assert c.perturbation.params.steps == 4 and isinstance(c.perturbation.params.steps, int)
+    assert threat.eps == pytest.approx(0.05)
+    assert c.threat.eps == 0.1  # evaluation keeps the recipe's eps
+
+
+def test_no_host_sync_inside_the_step(plugin_set, monkeypatch):
+    c = build(resolve(digits_recipe(), plugin_set.registries))
+    x, y = next(iter(c.train_loader))
+    meter = _Meter(c.device, [s.id for s in c.losses])
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync inside the training step")
+
+    for name in ("item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    train_step(c, x, y, Progress(0, 0, 10, 100), meter)
+    monkeypatch.undo()
+    metrics = meter.read()
+    assert 0.0 <= metrics["train/adv_acc"] <= 1.0 and metrics["train/loss"] > 0
+
+
+def test_fit_writes_checkpoint_every_epoch_and_resume_restores(plugin_set, tmp_path):
+    recipe = resolve(
+        digits_recipe(run={"name": "t", "epochs": 2, "log_every": 5}), plugin_set.registries
+    )
+    c = build(recipe)
+    result = fit(c, run_dir=tmp_path / "run")
+    assert result.epochs_done == 2 and len(result.history) == 2
+    assert "val/clean_acc" in result.history[0]  # validated after epoch 1 (not the last)
+    payload = ckpt.load(tmp_path / "run" / CHECKPOINT_NAME)
+    assert payload["epoch"] == 2 and payload["step"] == 2 * len(c.train_loader)
+    assert payload["recipe"] == recipe.to_dict()
+    for name in ("recipe.resolved.toml", "metrics.jsonl", "eval.json"):
+        assert (tmp_path / "run" / name).is_file()
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+    fresh = build(recipe)
+    epoch, step = restore(fresh, payload, "ckpt")
+    assert (epoch, step) == (2, payload["step"])
+    for a, b in zip(fresh.model.state_dict().values(), c.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_restore_rejects_a_checkpoint_of_another_model(plugin_set, tmp_path):
+    c = build(resolve(digits_recipe(), plugin_set.registries))
+    payload = {
+        "model": {"bogus": torch.zeros(1)},
+        "optimizer": {},
+        "rng": ckpt.rng_states(),
+        "epoch": 1,
+        "step": 1,
+    }
+    with pytest.raises(CheckpointError, match="does not match"):
+        restore(c, payload, "x.pt")
+
+
+def test_checkpoint_load_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        ckpt.load(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        ckpt.load(junk)
+
+
+def test_device_and_amp_selection(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device("auto").type == "cpu"
+    with pytest.raises(ArtplugError, match="no CUDA device"):
+        select_device("cuda")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _amp_dtype("auto", cpu) is None
+    assert _amp_dtype("auto", cuda) == torch.bfloat16
+    assert _amp_dtype("fp16", cuda) == torch.float16
+    assert _amp_dtype("off", cuda) is None
+    with pytest.raises(ArtplugError, match="needs a CUDA device"):
+        _amp_dtype("bf16", cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device("auto").type == "cuda"
+
+
+def test_channels_last_switch_runs_on_cpu(plugin_set, tmp_path):
+    recipe = resolve(
+        digits_recipe(run={"name": "cl", "epochs": 1}),
+        plugin_set.registries,
+        overrides=['run.channels_last="on"'],
+    )
+    c = build(recipe)
+    assert c.channels_last
+    result = fit(c, run_dir=tmp_path / "cl", max_steps=2)
+    assert set(result.final) == {"clean"}
+
+
+@pytest.mark.gpu
+def test_cuda_step_with_amp_and_channels_last(plugin_set, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    recipe = resolve(
+        digits_recipe(run={"name": "gpu", "epochs": 1, "device": "cuda"}), plugin_set.registries
+    )
+    c = build(recipe)
+    assert c.amp_dtype == torch.bfloat16 and c.channels_last
+    assert c.train_loader is not None and next(c.model.parameters()).is_cuda
+    result = fit(c, run_dir=tmp_path / "gpu", max_steps=3)
+    assert 0.0 <= result.final["clean"] <= 1.0
