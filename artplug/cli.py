@@ -10,15 +10,18 @@ not import ART or MLflow.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
-from artplug.errors import ArtplugError, PluginError
+from artplug.errors import ArtplugError, CheckpointError, PluginError
 from artplug.kinds import KINDS
 from artplug.plugins import PluginSet, load_plugins
 
@@ -149,6 +152,88 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
             max_steps=None,
             resume=(path, payload),
         )
+
+    @cli.command(name="eval")
+    @click.argument("target", metavar="CHECKPOINT_OR_RUN_ID")
+    @click.option(
+        "--attack",
+        "attacks",
+        multiple=True,
+        metavar="NAME",
+        help="Attack-table entry to run (repeat for several); default: the recipe's "
+        "eval.final_attacks.",
+    )
+    @click.option(
+        "--n",
+        "n_examples",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Evaluate a seeded subset of N test examples (default: the recipe's "
+        "eval.test_examples).",
+    )
+    @click.option(
+        "--eps",
+        type=click.FloatRange(min=0.0),
+        default=None,
+        help="Attack radius in pixel space (default: the recipe's threat eps).",
+    )
+    @click.option("--sanity", is_flag=True, help="Also run the sanity gate (masking checks).")
+    @click.option(
+        "--curve",
+        metavar="EPS,EPS,...",
+        default=None,
+        help="Also measure pgd-20 accuracy at these eps values and plot it (eps_curve.png).",
+    )
+    @_set_option()
+    @click.option("--no-track", is_flag=True, help="Print only; log nothing to MLflow.")
+    @click.option(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="MLflow tracking URI (default: the recipe's, else MLFLOW_TRACKING_URI).",
+    )
+    @click.option(
+        "--out",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="Folder for eval.json and the plot (default: eval-<time> beside the checkpoint).",
+    )
+    @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+    @click.pass_context
+    def eval_(
+        ctx: click.Context,
+        target: str,
+        attacks: tuple[str, ...],
+        n_examples: int | None,
+        eps: float | None,
+        sanity: bool,
+        curve: str | None,
+        overrides: tuple[str, ...],
+        no_track: bool,
+        tracking_uri: str | None,
+        out: str | None,
+        quiet: bool,
+    ) -> None:
+        """Evaluate a trained model: a checkpoint file, a run folder or an MLflow run id.
+
+        The model is rebuilt from the recipe stored in the checkpoint (a run folder gives its
+        checkpoint-best.pt, else checkpoint-last.pt), attacked on the test split and scored
+        per attack and in the worst case over the attacks. Results are printed, written to
+        eval.json and logged to the checkpoint's MLflow run (unless --no-track).
+        """
+        options = EvalOptions(
+            attacks=list(attacks),
+            n_examples=n_examples,
+            eps=eps,
+            sanity=sanity,
+            curve=_parse_curve(curve),
+            overrides=list(overrides),
+            no_track=no_track,
+            tracking_uri=tracking_uri,
+            out=Path(out) if out is not None else None,
+            quiet=quiet,
+        )
+        _eval(_plugin_set(ctx), target, options)
 
     @cli.command()
     @click.argument("recipe", type=click.Path(dir_okay=False))
@@ -298,8 +383,250 @@ def _run(
             title=f"Test accuracy ({resolved.threat.norm}, eps={resolved.threat.eps:.4g})",
         )
     )
+    _echo_report(result.report, result.sanity)
     click.echo(f"wall time {result.wall_time_s:.1f}s; files in {result.run_dir}")
     click.echo(tracker.describe())
+
+
+def _echo_report(report: dict[str, Any], sanity: Any) -> None:
+    """What follows the accuracy table: the checkpoint used, the sanity gate, the eps curve."""
+    from artplug.sanity import gate_lines
+
+    if "checkpoint_reason" in report:
+        click.echo(
+            f"checkpoint: {report['checkpoint']} (epoch {report['checkpoint_epoch']}); "
+            f"{report['checkpoint_reason']}"
+        )
+    if sanity:
+        for line in gate_lines(sanity):
+            click.echo(line)
+    elif isinstance(report.get("sanity"), dict) and report["sanity"].get("error"):
+        click.echo(f"WARNING: the sanity gate could not run ({report['sanity']['error']})")
+    curve = report.get("eps_curve")
+    if isinstance(curve, dict):
+        if "points" in curve:
+            points = ", ".join(f"{eps:.4g}: {100 * acc:.1f}%" for eps, acc in curve["points"])
+            plot = f"; plot {curve['plot']}" if curve.get("plot") else ""
+            click.echo(f"eps curve ({curve['attack']}, {curve['norm']}): {points}{plot}")
+        if curve.get("error"):
+            click.echo(f"WARNING: the eps curve could not be computed ({curve['error']})")
+
+
+# ------------------------------------------------------------------------------------------
+# artplug eval
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass
+class EvalOptions:
+    """The options of ``artplug eval`` (see its ``--help``)."""
+
+    attacks: list[str] = field(default_factory=list)
+    n_examples: int | None = None
+    eps: float | None = None
+    sanity: bool = False
+    curve: list[float] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    no_track: bool = False
+    tracking_uri: str | None = None
+    out: Path | None = None
+    quiet: bool = False
+
+
+def _parse_curve(text: str | None) -> list[float]:
+    if text is None:
+        return []
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ArtplugError(
+                f"--curve: {part.strip()!r} is not a number; give eps values like 0,0.01,0.03"
+            ) from None
+        if not (math.isfinite(value) and value >= 0.0):
+            raise ArtplugError(f"--curve: eps values must be finite and >= 0, got {part.strip()}")
+        values.append(value)
+    return values
+
+
+def _check_attacks(names: Sequence[str]) -> None:
+    import difflib
+
+    from artplug.evaluate import ATTACKS
+
+    for name in names:
+        if name not in ATTACKS:
+            close = difflib.get_close_matches(name, list(ATTACKS), n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            raise ArtplugError(
+                f"--attack {name}: unknown attack{hint}; known: {', '.join(ATTACKS)}"
+            )
+
+
+def _pick_checkpoint(folder: Path) -> Path:
+    """A run folder's checkpoint-best.pt, else its checkpoint-last.pt."""
+    from artplug.engine import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME
+
+    for name in (BEST_CHECKPOINT_NAME, CHECKPOINT_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(
+        f"{folder}: no {BEST_CHECKPOINT_NAME} or {CHECKPOINT_NAME} in this folder"
+    )
+
+
+def _download_run_checkpoint(run_id: str, dest: Path, tracking_uri: str | None) -> Path:
+    """The checkpoint of an MLflow run, downloaded into ``dest`` (best, else last)."""
+    from artplug.tracking import download_checkpoints
+
+    # artplug.tracking is the one module that imports mlflow.
+    folder = download_checkpoints(run_id, dest, tracking_uri=tracking_uri)
+    return _pick_checkpoint(folder)
+
+
+def _attach_tracker(resolved: Any, run_id: str, tracking_uri: str | None) -> Any:
+    """A tracker that logs into the existing run ``run_id`` and leaves its status alone."""
+    from artplug.tracking import MlflowTracker
+
+    return MlflowTracker(
+        resolved.tracking.experiment,
+        resolved.run.name,
+        tracking_uri=tracking_uri or resolved.tracking.uri,
+        resume_run_id=run_id,
+        keep_status=True,
+    )
+
+
+def _eval(plugin_set: PluginSet, target: str, options: EvalOptions) -> None:
+    """The body of ``artplug eval``."""
+    import tempfile
+
+    from artplug import checkpoint as ckpt
+
+    _check_attacks(options.attacks)
+    path = Path(target)
+    with tempfile.TemporaryDirectory(prefix="artplug-eval-") as scratch:
+        local = True
+        if path.is_dir():
+            path = _pick_checkpoint(path)
+        elif path.exists():
+            pass
+        elif _RUN_ID.fullmatch(target):
+            path = _download_run_checkpoint(target, Path(scratch), options.tracking_uri)
+            local = False
+        else:
+            raise CheckpointError(f"{target}: no such checkpoint file, run folder or MLflow run id")
+        payload = ckpt.load(path)
+    source = str(path) if local else f"MLflow run {target} ({path.name})"
+    _evaluate_payload(
+        plugin_set, payload, source, path.name, options, path.parent if local else None
+    )
+
+
+def _evaluate_payload(
+    plugin_set: PluginSet,
+    payload: dict[str, Any],
+    source: str,
+    checkpoint_name: str,
+    options: EvalOptions,
+    checkpoint_dir: Path | None,
+) -> None:
+    import contextlib
+    import tempfile
+    from datetime import datetime
+
+    from artplug import engine
+    from artplug.display import Display
+    from artplug.evaluate import format_table
+    from artplug.recipe import resolve
+    from artplug.tracking import NullTracker, Tracker
+
+    if not isinstance(payload.get("recipe"), dict) or "model" not in payload:
+        raise CheckpointError(f"{source}: not an artplug training checkpoint (no recipe or model)")
+    overrides = list(options.overrides)
+    if options.eps is not None:
+        overrides.append(f"threat.eps={options.eps!r}")
+    if options.n_examples is not None:
+        overrides.append(f"eval.test_examples={options.n_examples}")
+    if options.attacks:
+        overrides.append(f"eval.final_attacks={json.dumps(list(dict.fromkeys(options.attacks)))}")
+    overrides.append(f"eval.eps_curve={json.dumps(options.curve)}")
+    resolved = resolve(
+        payload["recipe"],
+        plugin_set.registries,
+        source=source,
+        overrides=overrides,
+        failure_hint=plugin_set.failure_hint(),
+    )
+    display = Display(enabled=not options.quiet)
+    components = engine.build(resolved)
+    engine.load_weights(components, payload, source)
+    epoch, step = int(payload.get("epoch", 0)), int(payload.get("step", 0))
+    run_id = payload.get("tracking_run_id") if not options.no_track else None
+    tracker: Tracker = NullTracker()
+    if run_id:
+        tracker = _attach_tracker(resolved, str(run_id), options.tracking_uri)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = options.out
+    if out_dir is None and checkpoint_dir is not None:
+        out_dir = checkpoint_dir / f"eval-{stamp}"
+    threat = components.threat
+    display.line(
+        f"artplug eval: {checkpoint_name} (epoch {epoch}) of '{resolved.run.name}' from "
+        f"{source}; {threat.norm} eps={threat.eps:.4g}, device {components.device}"
+    )
+
+    def log(metrics: Mapping[str, float], at_step: int) -> None:
+        tracker.log_metrics(metrics, step=at_step)
+
+    with contextlib.ExitStack() as stack:
+        if out_dir is None:  # a downloaded checkpoint: the files only go to MLflow
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="artplug-")))
+        else:
+            folder = out_dir
+            folder.mkdir(parents=True, exist_ok=True)
+        tracker.start()
+        try:
+            accuracy = engine.evaluate_test(components, display)
+            n_test = len(components.data.test[0])
+            report: dict[str, Any] = {
+                "source": source,
+                "checkpoint": checkpoint_name,
+                "checkpoint_epoch": epoch,
+                "split": "test",
+                "n_examples": min(n_test, resolved.eval.test_examples or n_test),
+                "threat": {"norm": threat.norm, "eps": threat.eps},
+                "accuracy": accuracy,
+            }
+            # Numbers at another eps than the run's must not overwrite the run's own.
+            suffix = "" if options.eps is None else f"/eps_{threat.eps:g}"
+            log({f"eval/{name}_acc{suffix}": value for name, value in accuracy.items()}, step)
+            tracker.set_tags({"artplug.eval.checkpoint": f"{checkpoint_name} (epoch {epoch})"})
+            sanity = None
+            if options.sanity:
+                sanity, report["sanity"] = engine.run_gate(components, tracker, display, log, step)
+            if options.curve:
+                report["eps_curve"] = engine.run_eps_curve(
+                    components, folder, tracker, display, log, step
+                )
+            (folder / "eval.json").write_text(json.dumps(report, indent=2) + "\n", "utf-8")
+            tracker.log_artifact(folder / "eval.json", artifact_path=f"evals/eval-{stamp}")
+        finally:
+            # With keep_status the tracker leaves the run's status as it found it; without it,
+            # the reopened run is closed as FINISHED again (never left RUNNING).
+            tracker.end("FINISHED")
+    click.echo(format_table(accuracy, title=f"Test accuracy ({threat.norm}, eps={threat.eps:.4g})"))
+    click.echo(f"checkpoint: {checkpoint_name} (epoch {epoch}) from {source}")
+    _echo_report(report, sanity)
+    if out_dir is not None:
+        click.echo(f"results in {out_dir}")
+    if run_id:
+        click.echo(tracker.describe())
+    else:
+        reason = "--no-track" if options.no_track else "the checkpoint has no MLflow run"
+        click.echo(f"not logged to MLflow ({reason})")
 
 
 def _wants_traceback(argv: Sequence[str]) -> bool:

@@ -23,7 +23,9 @@ import json
 import math
 import random
 import re
+import shutil
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,9 +44,12 @@ from artplug.errors import ArtplugError, CheckpointError
 from artplug.kinds import LossTerm, Outputs, Perturbation, Progress, Schedule, StepState, Threat
 from artplug.models import build_model
 from artplug.recipe import ResolvedRecipe
+from artplug.sanity import CheckResult
 from artplug.tracking import NullTracker, Tracker, flatten
 
 CHECKPOINT_NAME = "checkpoint-last.pt"
+GOOD_CHECKPOINT_NAME = "checkpoint-good.pt"
+BEST_CHECKPOINT_NAME = "checkpoint-best.pt"
 
 
 def select_device(requested: str = "auto") -> torch.device:
@@ -255,7 +260,12 @@ def apply_knobs(c: Components, knobs: Mapping[str, float]) -> Threat:
 
 @dataclass
 class RunResult:
-    """What a finished (or interrupted) run leaves behind."""
+    """What a finished (or interrupted) run leaves behind.
+
+    ``checkpoint`` is the last epoch's checkpoint (what ``resume`` continues from);
+    ``used_checkpoint`` and ``used_epoch`` name the one the final evaluation ran on. ``report``
+    is the content of ``eval.json``; ``sanity`` the gate's results (``None`` when it did not run).
+    """
 
     run_dir: Path
     final: dict[str, float]
@@ -263,6 +273,10 @@ class RunResult:
     wall_time_s: float
     epochs_done: int
     checkpoint: Path
+    used_checkpoint: str = CHECKPOINT_NAME
+    used_epoch: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
+    sanity: list[CheckResult] | None = None
 
 
 def make_run_dir(recipe: ResolvedRecipe) -> Path:
@@ -385,6 +399,7 @@ def _batches(c: Components, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
 def _evaluate(
     c: Components, split: str, attacks: list[str], n: int | None, display: Display
 ) -> dict[str, float]:
+    """Accuracies on a seeded subset of ``split``; the test split also gets ``worst``."""
     from artplug.evaluate import evaluate
 
     x, y = getattr(c.data, split)
@@ -395,7 +410,8 @@ def _evaluate(
     def announce(name: str) -> None:
         display.status(f"  evaluating {split}: {name} on {len(x)} examples")
 
-    return evaluate(
+    run = evaluate_with_worst if split == "test" else evaluate
+    return run(
         c.model,
         x,
         y,
@@ -406,6 +422,44 @@ def _evaluate(
         device=c.device,
         on_attack=announce,
     )
+
+
+def evaluate_with_worst(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: Threat,
+    attacks: list[str],
+    *,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: torch.device | None = None,
+    on_attack: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Per-entry accuracies plus ``worst``: an example counts only if it survives every entry.
+
+    ``worst`` (from :func:`artplug.evaluate.evaluate_detailed`) is the per-example AND over
+    the entries, i.e. the accuracy against an adversary that may pick the best of those
+    attacks for each example. It is left out when fewer than two non-clean entries are
+    requested, where it would only repeat the one attack's (or the clean) accuracy.
+    """
+    from artplug.evaluate import evaluate_detailed
+
+    names = list(dict.fromkeys(attacks))
+    accuracies, _ = evaluate_detailed(
+        model,
+        x,
+        y,
+        threat,
+        names,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        on_attack=on_attack,
+    )
+    if sum(name != "clean" for name in names) < 2:
+        accuracies.pop("worst", None)
+    return accuracies
 
 
 def _checkpoint_payload(c: Components, epoch: int, step: int, run_id: str | None) -> dict[str, Any]:
@@ -426,8 +480,8 @@ def _checkpoint_payload(c: Components, epoch: int, step: int, run_id: str | None
 
 def restore(c: Components, payload: Mapping[str, Any], source: str) -> tuple[int, int]:
     """Load a checkpoint into built components; return (epochs done, steps done)."""
+    load_weights(c, payload, source)
     try:
-        c.model.load_state_dict(payload["model"])
         c.optimizer.load_state_dict(payload["optimizer"])
     except (KeyError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -439,6 +493,22 @@ def restore(c: Components, payload: Mapping[str, Any], source: str) -> tuple[int
         load_state(payload["perturbation"])
     ckpt.restore_rng_states(payload["rng"])
     return int(payload["epoch"]), int(payload["step"])
+
+
+def load_weights(c: Components, payload: Mapping[str, Any], source: str) -> None:
+    """Load only the model weights of a checkpoint (evaluation); CheckpointError on a mismatch."""
+    try:
+        c.model.load_state_dict(payload["model"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{source}: does not match this recipe's model ({first})") from None
+
+
+def evaluate_test(c: Components, display: Display | None = None) -> dict[str, float]:
+    """``eval.final_attacks`` (plus ``worst``) on the seeded ``eval.test_examples`` test subset."""
+    display = display if display is not None else Display(enabled=False)
+    settings = c.recipe.eval
+    return _evaluate(c, "test", settings.final_attacks, settings.test_examples, display)
 
 
 class _EpochWindows:
@@ -499,6 +569,121 @@ def train_epoch(
     return step
 
 
+class OverfitWatch:
+    """Catastrophic-overfitting detection (Wong et al. 2020, FastAT).
+
+    After every epoch it attacks a fixed set of training examples with ``fgsm`` and ``pgd-20``
+    from the attack table. Catastrophic overfitting shows as PGD accuracy collapsing (dropping
+    by more than ``eval.overfit_drop``, absolute, from the previous epoch) while FGSM accuracy
+    does not fall: the model has learnt to defeat the single-step attack only.
+    """
+
+    ATTACKS = ("fgsm", "pgd-20")
+
+    def __init__(self, c: Components) -> None:
+        self.c = c
+        settings = c.recipe.eval
+        self.drop = settings.overfit_drop
+        x, y = c.data.train
+        # A fixed seeded subset, the same every epoch, so the accuracies are comparable.
+        self.x, self.y = _subset(x, y, settings.overfit_examples, c.recipe.run.seed + 1)
+        self.previous: dict[str, float] | None = None
+
+    def check(self, epoch: int) -> tuple[dict[str, float], str | None]:
+        """Return the epoch's metrics and, on a collapse, a one-line description of it."""
+        from artplug.evaluate import evaluate
+
+        c = self.c
+        accuracy = evaluate(
+            c.model,
+            self.x,
+            self.y,
+            c.threat,
+            self.ATTACKS,
+            batch_size=c.recipe.eval.batch_size,
+            seed=c.recipe.run.seed,
+            device=c.device,
+        )
+        pgd, fgsm = accuracy["pgd-20"], accuracy["fgsm"]
+        metrics = {"overfit/pgd-20_acc": pgd, "overfit/fgsm_acc": fgsm}
+        event = None
+        before = self.previous
+        if before is not None and pgd < before["pgd-20"] - self.drop and fgsm >= before["fgsm"]:
+            event = (
+                f"catastrophic overfitting at epoch {epoch}: PGD-20 accuracy on "
+                f"{len(self.x)} training examples fell {100 * before['pgd-20']:.1f}% -> "
+                f"{100 * pgd:.1f}% while FGSM accuracy went {100 * before['fgsm']:.1f}% -> "
+                f"{100 * fgsm:.1f}%"
+            )
+            metrics["overfit/detected"] = 1.0
+        else:
+            # Only a healthy epoch becomes the reference for the next comparison.
+            self.previous = accuracy
+        return metrics, event
+
+
+class CheckpointPolicy:
+    """Which validated epoch is the best one, and whether validation has stopped improving.
+
+    A validation is scored by ``(robust accuracy, clean accuracy)``, compared in that order:
+    robust accuracy under the first non-clean entry of ``eval.attacks`` (the clean accuracy
+    when there is none), clean accuracy breaking ties. Only a strictly better score is a new
+    best, so among equal scores the earliest epoch wins. ``stale`` counts the validations since
+    the last improvement; with ``patience > 0`` the policy is :attr:`exhausted` when it reaches
+    ``patience`` (early stopping against robust overfitting, Rice et al. 2020).
+    """
+
+    def __init__(self, attacks: list[str], patience: int = 0) -> None:
+        robust = [name for name in attacks if name != "clean"]
+        self.key = robust[0] if robust else "clean"
+        self.patience = patience
+        self.best_epoch: int | None = None
+        self.best_score: tuple[float, float] | None = None
+        self.stale = 0
+
+    def update(self, val: Mapping[str, float], epoch: int) -> bool:
+        """Record the validation accuracies of ``epoch``; True when it is the new best."""
+        score = (val[self.key], val.get("clean", 0.0))
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_epoch, self.stale = score, epoch, 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        """True when ``patience`` validations in a row brought no improvement."""
+        return self.patience > 0 and self.stale >= self.patience
+
+    def describe(self) -> str:
+        """The best score in words, e.g. ``val pgd-20 45.0% (clean 80.1%)``."""
+        if self.best_score is None:
+            return "no validation yet"
+        robust, clean = self.best_score
+        if self.key == "clean":
+            return f"val clean {100 * robust:.1f}%"
+        return f"val {self.key} {100 * robust:.1f}% (clean {100 * clean:.1f}%)"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data stored in every checkpoint, so that ``resume`` keeps the best so far."""
+        score = list(self.best_score) if self.best_score is not None else None
+        return {
+            "key": self.key,
+            "best_epoch": self.best_epoch,
+            "best_score": score,
+            "stale": self.stale,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Undo :meth:`state_dict`; a state scored on another attack is ignored."""
+        if not state or state.get("key") != self.key or state.get("best_score") is None:
+            return
+        robust, clean = state["best_score"]
+        self.best_score = (float(robust), float(clean))
+        self.best_epoch = int(state["best_epoch"])
+        self.stale = int(state.get("stale", 0))
+
+
 def fit(
     c: Components,
     tracker: Tracker | None = None,
@@ -511,12 +696,16 @@ def fit(
     """Train ``c`` as its recipe says, evaluate, checkpoint, and report to ``tracker``.
 
     ``max_steps`` stops early after that many optimizer steps (smoke tests). The run folder gets
-    the resolved recipe, ``checkpoint-last.pt`` after every epoch, ``metrics.jsonl`` and
-    ``eval.json``; all of it survives a crash or Ctrl-C.
+    the resolved recipe, ``checkpoint-last.pt`` after every epoch, ``checkpoint-best.pt``
+    whenever validation improves, ``metrics.jsonl`` and ``eval.json``; all of it survives a
+    crash or Ctrl-C. After training the final evaluation runs on the checkpoint that
+    ``eval.select`` picks (the catastrophic-overfitting stop, when it triggers, overrides it),
+    then the sanity gate (``eval.sanity``) and the eps curve (``eval.eps_curve``).
     """
     tracker = tracker if tracker is not None else NullTracker()
     display = display if display is not None else Display(enabled=False)
     recipe = c.recipe
+    settings = recipe.eval
     run_dir = run_dir if run_dir is not None else make_run_dir(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -527,8 +716,10 @@ def fit(
 
     steps_per_epoch = len(c.train_loader)
     start_epoch, step = 0, 0
+    policy = CheckpointPolicy(settings.attacks, settings.early_stop_patience)
     if resume_from is not None:
         start_epoch, step = restore(c, resume_from, "checkpoint")
+        policy.load_state_dict(resume_from.get("selection"))
     meter = _Meter(c.device, [slot.id for slot in c.losses])
     history: list[dict[str, float]] = []
     started = time.perf_counter()
@@ -552,6 +743,14 @@ def fit(
             f"{window['time/examples_per_s']:.0f} ex/s"
         )
 
+    watch = OverfitWatch(c) if settings.overfit_check != "off" else None
+    good_path = run_dir / GOOD_CHECKPOINT_NAME
+    best_path = run_dir / BEST_CHECKPOINT_NAME
+    used_checkpoint = CHECKPOINT_NAME
+    used_epoch = 0
+    overfit_event: str | None = None
+    early_stop: str | None = None
+
     try:
         for epoch in range(start_epoch, recipe.run.epochs):
             epoch_started = time.perf_counter()
@@ -565,42 +764,289 @@ def fit(
             summary["epoch"] = float(epoch + 1)
             finished = max_steps is not None and step >= max_steps
             last_epoch = epoch + 1 == recipe.run.epochs or finished
-            every = recipe.eval.every_epochs
-            if every and (epoch + 1) % every == 0 and not last_epoch:
-                val = _evaluate(c, "val", recipe.eval.attacks, recipe.eval.n_examples, display)
+            every = settings.every_epochs
+            # The last epoch is validated only when it can become the selected checkpoint;
+            # otherwise the final evaluation on the test split follows right away.
+            validate = bool(every) and (
+                (not last_epoch and (epoch + 1) % every == 0)
+                or (last_epoch and settings.select == "best")
+            )
+            improved = False
+            if validate:
+                val = _evaluate(c, "val", settings.attacks, settings.n_examples, display)
                 summary.update({f"val/{k}_acc": v for k, v in val.items()})
+                if val:
+                    improved = policy.update(val, epoch + 1)
             log(summary, step)
             history.append(summary)
             epochs_done = epoch + 1
-            ckpt.save_atomic(
-                _checkpoint_payload(c, epochs_done, step, tracker.run_id), checkpoint_path
-            )
-            display.line(_epoch_line(summary, recipe.run.epochs))
+            payload = _checkpoint_payload(c, epochs_done, step, tracker.run_id)
+            payload["selection"] = policy.state_dict()
+            ckpt.save_atomic(payload, checkpoint_path)
+            if improved:
+                ckpt.save_atomic(payload, best_path)
+            del payload
+            line = _epoch_line(summary, recipe.run.epochs)
+            display.line(line + ("  (best so far)" if improved else ""))
+            if watch is not None:
+                metrics, event = watch.check(epochs_done)
+                log(metrics, step)
+                if event is None:
+                    shutil.copyfile(checkpoint_path, good_path)
+                elif overfit_event is None:
+                    overfit_event = event
+                    tracker.set_tags({"artplug.event.catastrophic_overfitting": event})
+                    display.line(f"WARNING: {event}")
+                    if settings.overfit_check == "stop" and good_path.exists():
+                        good = ckpt.load(good_path)
+                        c.model.load_state_dict(good["model"])
+                        used_checkpoint, used_epoch = GOOD_CHECKPOINT_NAME, int(good["epoch"])
+                        display.line(
+                            f"stopping; restored {GOOD_CHECKPOINT_NAME} (after epoch "
+                            f"{good['epoch']}) for the final evaluation"
+                        )
+                        break
+            if policy.exhausted:
+                early_stop = (
+                    f"early stop after epoch {epochs_done}: robust validation accuracy "
+                    f"({policy.key}) did not improve for {policy.stale} validations; best "
+                    f"{policy.describe()} after epoch {policy.best_epoch}"
+                )
+                tracker.set_tags({"artplug.event.early_stop": early_stop})
+                display.line(early_stop)
+                break
             if finished:
                 break
 
-        final = _evaluate(c, "test", recipe.eval.final_attacks, recipe.eval.test_examples, display)
+        used_checkpoint, used_epoch, reason = _choose_checkpoint(
+            c, policy, best_path, used_checkpoint, used_epoch, epochs_done
+        )
+        display.line(f"final evaluation on {used_checkpoint} (epoch {used_epoch}): {reason}")
+        final = evaluate_test(c, display)
         wall = time.perf_counter() - started
-        results = {
+        results: dict[str, Any] = {
             "split": "test",
-            "n_examples": min(
-                len(c.data.test[0]), recipe.eval.test_examples or len(c.data.test[0])
-            ),
+            "n_examples": min(len(c.data.test[0]), settings.test_examples or len(c.data.test[0])),
             "threat": {"norm": recipe.threat.norm, "eps": recipe.threat.eps},
             "accuracy": final,
             "epochs": epochs_done,
             "wall_time_s": wall,
-            "checkpoint": CHECKPOINT_NAME,
+            "checkpoint": used_checkpoint,
+            "checkpoint_epoch": used_epoch,
+            "checkpoint_reason": reason,
+            "best_checkpoint": (
+                {
+                    "file": BEST_CHECKPOINT_NAME,
+                    "epoch": policy.best_epoch,
+                    "metric": policy.key,
+                    "val_accuracy": policy.best_score[0],
+                    "val_clean_accuracy": policy.best_score[1],
+                }
+                if policy.best_score is not None and best_path.exists()
+                else None
+            ),
+            "early_stop": early_stop,
+            "catastrophic_overfitting": overfit_event,
         }
         eval_path = run_dir / "eval.json"
-        eval_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        _write_json(eval_path, results)
         log({f"test/{k}_acc": v for k, v in final.items()} | {"time/wall_s": wall}, step)
+        tracker.set_tags(
+            {
+                "artplug.checkpoint.used": used_checkpoint,
+                "artplug.checkpoint.epoch": str(used_epoch),
+            }
+        )
+        sanity: list[CheckResult] | None = None
+        if settings.sanity:
+            sanity, results["sanity"] = run_gate(c, tracker, display, log, step)
+            _write_json(eval_path, results)
+        if settings.eps_curve:
+            results["eps_curve"] = run_eps_curve(c, run_dir, tracker, display, log, step)
+            _write_json(eval_path, results)
         tracker.log_artifact(eval_path)
         tracker.log_artifact(checkpoint_path, artifact_path="checkpoints")
+        if best_path.exists():
+            tracker.log_artifact(best_path, artifact_path="checkpoints")
+        if used_checkpoint == GOOD_CHECKPOINT_NAME:
+            tracker.log_artifact(good_path, artifact_path="checkpoints")
         tracker.log_artifact(run_dir / "metrics.jsonl")
-        return RunResult(run_dir, final, history, wall, epochs_done, checkpoint_path)
+        return RunResult(
+            run_dir,
+            final,
+            history,
+            wall,
+            epochs_done,
+            checkpoint_path,
+            used_checkpoint=used_checkpoint,
+            used_epoch=used_epoch,
+            report=results,
+            sanity=sanity,
+        )
     finally:
         metrics_log.close()
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _choose_checkpoint(
+    c: Components,
+    policy: CheckpointPolicy,
+    best_path: Path,
+    used: str,
+    used_epoch: int,
+    epochs_done: int,
+) -> tuple[str, int, str]:
+    """Load the checkpoint the final evaluation uses into ``c.model``; (file, epoch, reason)."""
+    if used == GOOD_CHECKPOINT_NAME:
+        # The catastrophic-overfitting stop already restored the last healthy epoch.
+        return (
+            used,
+            used_epoch,
+            (
+                "the catastrophic-overfitting stop restored the last good checkpoint "
+                "(this takes precedence over eval.select)"
+            ),
+        )
+    if c.recipe.eval.select == "last":
+        return CHECKPOINT_NAME, epochs_done, "eval.select = 'last'"
+    if policy.best_epoch is None:
+        return (
+            CHECKPOINT_NAME,
+            epochs_done,
+            (
+                "eval.select = 'best' but no validation ran (eval.every_epochs = 0 or an empty "
+                "validation split), so the last checkpoint is used"
+            ),
+        )
+    if not best_path.exists():
+        return (
+            CHECKPOINT_NAME,
+            epochs_done,
+            (
+                f"eval.select = 'best' but {BEST_CHECKPOINT_NAME} is missing from the run folder, "
+                "so the last checkpoint is used"
+            ),
+        )
+    if policy.best_epoch != epochs_done:
+        c.model.load_state_dict(ckpt.load(best_path)["model"])
+    return (
+        BEST_CHECKPOINT_NAME,
+        policy.best_epoch,
+        (f"best robust validation accuracy, {policy.describe()}"),
+    )
+
+
+def _test_subset(c: Components, n: int | None) -> tuple[Tensor, Tensor]:
+    x, y = c.data.test
+    return _subset(x, y, n, c.recipe.run.seed)
+
+
+def run_gate(
+    c: Components,
+    tracker: Tracker,
+    display: Display,
+    log: Callable[[Mapping[str, float], int], None],
+    step: int,
+) -> tuple[list[CheckResult] | None, dict[str, Any]]:
+    """Run the gate on the model as it is now; log, tag and announce its results.
+
+    A failed check marks the run (tags, a WARNING line, ``eval.json``) and nothing more. An
+    exception inside the gate is a bug, but the trained model and its evaluation matter more:
+    its traceback goes to stderr, the run is tagged ``artplug.sanity = ERROR: ...`` and goes on.
+    """
+    from artplug import sanity as gate
+
+    settings = c.recipe.eval
+    limit = min(settings.sanity_examples, settings.test_examples or settings.sanity_examples)
+    x, y = _test_subset(c, limit)
+    try:
+        results = gate.run_sanity_gate(
+            c.model,
+            x,
+            y,
+            c.threat,
+            batch_size=settings.batch_size,
+            seed=c.recipe.run.seed,
+            device=c.device,
+            tolerance=settings.sanity_tolerance,
+            black_box=settings.sanity_black_box,
+            on_check=lambda name: display.status(f"  sanity gate: {name} on {len(x)} examples"),
+        )
+    except Exception as exc:
+        traceback.print_exc()
+        message = f"{type(exc).__name__}: {exc}"
+        tracker.set_tags({"artplug.sanity": f"ERROR: {message}"})
+        display.line(f"WARNING: the sanity gate could not run ({message})")
+        return None, {"passed": None, "summary": f"ERROR: {message}", "error": message}
+    log(gate.gate_metrics(results), step)
+    tracker.set_tags(gate.gate_tags(results))
+    summary = gate.gate_summary(results)
+    display.line(
+        f"sanity gate: {summary}" if summary == "passed" else f"WARNING: sanity gate {summary}"
+    )
+    return results, gate.gate_report(results, len(x), settings.sanity_tolerance)
+
+
+def run_eps_curve(
+    c: Components,
+    run_dir: Path,
+    tracker: Tracker,
+    display: Display,
+    log: Callable[[Mapping[str, float], int], None],
+    step: int,
+) -> dict[str, Any]:
+    """Robust accuracy at every ``eval.eps_curve`` radius: metrics, ``eps_curve.png``, points."""
+    from artplug import curves
+
+    settings = c.recipe.eval
+    x, y = _test_subset(c, settings.eps_curve_examples or settings.test_examples)
+    attack = curves.DEFAULT_ATTACK
+    report: dict[str, Any] = {"attack": attack, "norm": c.threat.norm, "n_examples": len(x)}
+    try:
+        points = curves.robust_accuracy_curve(
+            c.model,
+            x,
+            y,
+            c.threat,
+            settings.eps_curve,
+            attack=attack,
+            batch_size=settings.batch_size,
+            seed=c.recipe.run.seed,
+            device=c.device,
+            on_point=lambda eps: display.status(f"  eps curve: {attack} at eps={eps:.4g}"),
+        )
+    except Exception as exc:
+        traceback.print_exc()
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        display.line(f"WARNING: the eps curve could not be computed ({report['error']})")
+        return report
+    report["points"] = [[eps, accuracy] for eps, accuracy in points]
+    log(curves.curve_metrics(points, attack), step)
+    display.line(
+        f"eps curve ({attack}): "
+        + ", ".join(f"{eps:.4g}: {100 * accuracy:.1f}%" for eps, accuracy in points)
+    )
+    plot = run_dir / curves.PLOT_NAME
+    try:
+        curves.plot_curve(
+            points,
+            plot,
+            title=f"{c.recipe.run.name}: {attack} accuracy vs {c.threat.norm} eps "
+            f"({len(x)} test examples)",
+            attack=attack,
+            mark_eps=c.threat.eps,
+        )
+    except ImportError as exc:
+        report["plot"] = None
+        report["plot_error"] = f"matplotlib is needed for the plot ({exc})"
+        display.line(f"WARNING: no {curves.PLOT_NAME}: {report['plot_error']}")
+        return report
+    report["plot"] = curves.PLOT_NAME
+    tracker.log_artifact(plot)
+    return report
 
 
 def _epoch_line(summary: Mapping[str, float], epochs: int) -> str:

@@ -18,9 +18,92 @@ Conventions shared by every entry:
   attacked at all; this is the AutoAttack/RobustBench convention and it also saves the attack's
   work on those examples.
 - ``eps == 0`` needs no attack: every entry then returns the clean inputs.
-- numpy and torch are seeded with ``seed`` before each entry, and their global random states are
-  restored afterwards, so an evaluation in the middle of training neither depends on nor changes
-  the training's random stream.
+- numpy, torch and Python's ``random`` are seeded with ``seed`` before each entry, and their
+  global states are restored afterwards, so an evaluation in the middle of training neither
+  depends on nor changes the training's random stream.
+- Every ART attack runs with ``batch_size`` = the evaluation's batch size (ART's defaults are 32
+  or 1) and ``verbose=False``; the model runs in eval mode with its parameters frozen, so ART's
+  ``loss.backward()`` computes input gradients only.
+- The ART classifier remembers the logits of the inputs it predicted in its last three calls,
+  keyed by content (:class:`LogitMemo`), so an input ART predicts again costs no forward pass.
+  This assumes a deterministic model in eval mode (artplug's models are).
+
+The table (version 2). Cost is per attacked example; ``F`` is one forward + backward pass, ``f``
+one forward pass; ``K`` the number of classes.
+
+``clean``
+    No attack.
+``fgsm``
+    ART ``FastGradientMethod(norm, eps, eps_step=eps, num_random_init=0)``: one step of size eps
+    (sign for linf, L2-normalised for l2). Cost 1 F + 1 f.
+``pgd-20``, ``pgd-50``
+    ART ``ProjectedGradientDescentPyTorch(norm, eps, eps_step=eps/4, max_iter=20|50,
+    num_random_init=1, random_eps=False)`` on the cross-entropy loss: one uniform random start in
+    the ball, then 20 (50) steps. Cost 20 (50) F + 1 f: ART's ``generate`` predicts the clean
+    and the adversarial inputs to log a success rate (an eagerly evaluated ``logger.info``
+    argument no setting turns off), but the classifier's logit memo answers the clean ones from
+    the clean pass and keeps the adversarial ones for artplug's scoring.
+``pgd-20-cw``, ``pgd-50-cw``
+    The same PGD, run on a second ``PyTorchClassifier`` over the same model whose loss is the
+    Carlini-Wagner margin ``max_{k != y} z_k - z_y`` on the logits (mean over the batch). ART
+    ascends the estimator's loss in an untargeted attack, so PGD maximises the margin; unlike
+    the cross-entropy it does not saturate when the softmax does (large logit scales, HE's
+    cosine heads). Cost as ``pgd-20``/``pgd-50``.
+``apgd-ce``
+    ART ``AutoProjectedGradientDescent(norm, eps, eps_step=2*eps, max_iter=100,
+    nb_random_init=1, loss_type="cross_entropy")``: AutoAttack's step-size-free PGD with its
+    budget (100 iterations, initial step 2 eps) and one random start. Cost at most
+    100 (F + f) + 4 f.
+``apgd-dlr``
+    Targeted APGD on the DLR loss, as AutoAttack's APGD-T: ART
+    ``AutoProjectedGradientDescent(targeted=True, loss_type="difference_logits_ratio")``, same
+    norm, eps, step, iterations and start as ``apgd-ce``, run once per target class. The targets
+    are the ``k = min(9, K - 1)`` classes with the largest clean logits other than the true one,
+    tried in that order; each target attacks only the examples that survived the previous ones,
+    and an example is robust only if it survives every target (per-example worst case). ART's
+    targeted DLR loss is ``-(z_t - max_{j != t} z_j) / (z_pi1 - z_pi3)`` (pi = logits sorted in
+    decreasing order), not AutoAttack's ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``; both
+    are invariant to the scale of the logits. Needs ``K >= 3``. Cost at most k times
+    ``apgd-ce``'s, plus 1 f.
+``square``
+    ART ``SquareAttack(norm, eps, max_iter=5000, p_init=0.8, nb_restarts=1)``: the black-box
+    random search with standard AutoAttack's budget of 5000 queries (iterations), stopping early
+    once every example is misclassified. Its loss is the margin ``z_y - max_{j != y} z_j``
+    (ART's default takes the second-largest logit, which is not the largest wrong one once the
+    true class has fallen). Each ART iteration predicts every current input, then the ones not
+    yet misclassified, then the candidate update; only the candidates are new, so ART's
+    estimator answers repeated inputs from a content-keyed memo (:class:`LogitMemo`) and the
+    model runs once per iteration on the candidates, as in the reference implementation.
+    Cost at most 5000 x f on the examples not yet misclassified + 2 f. Needs image
+    inputs ``(N, C, H, W)``. On images under 10 pixels wide ART's L2 initialisation has empty
+    tiles and is skipped (its numpy warnings are silenced); the search itself still runs.
+``cw-l2``
+    ART ``CarliniL2Method(confidence=0, learning_rate=0.01, binary_search_steps=10, max_iter=10,
+    initial_const=0.01, max_halving=5, max_doubling=5)``: a *minimal-perturbation* attack, not
+    bounded by eps. An example counts as broken only if C&W finds a misclassified input whose
+    distance to the clean input, measured in the threat's norm, is at most eps; otherwise it is
+    robust and the clean input is returned. For an l2 threat this is the usual "C&W robust
+    accuracy at eps"; for an linf threat it only accepts the L2-minimal examples that happen to
+    lie in the L-inf ball, a weak L-inf attack useful as a diagnostic, never as the headline
+    number. ART's class gradients are fused into one backward pass per call (the same
+    gradients, computed once instead of once per distinct class). It is weak on images with
+    many pixels at exactly 0 or 1 (digits, MNIST): ART optimises in tanh space with plain
+    gradient steps, which barely move saturated pixels. Cost at most 100 x (2 F + 11 f) + 11 f.
+``autoattack-art``
+    ``apgd-ce``, then ``apgd-dlr``, then ``square`` (exactly those entries), a worst case per
+    example: an example is robust only if it survives all three; each attack runs only on the
+    examples that survived the ones before (as the standard AutoAttack does). It is *not* the
+    standard AutoAttack: FAB-T is missing, ART's APGD returns its last iterate instead of the
+    best one seen and always starts from a random point, and the targeted DLR loss differs (see
+    ``apgd-dlr``). Nor is it ART's ``AutoAttack`` class, whose default ensemble is APGD-CE and
+    untargeted APGD-DLR with 5 restarts each, DeepFool and Square. Cost at most the sum of the
+    three; usually much less, since later attacks see only survivors.
+``autoattack``
+    The standard AutoAttack (``version="standard"``: APGD-CE, APGD-T with 9 targets, FAB-T with
+    9 targets, Square with 5000 queries) from the ``pyautoattack`` package (the optional extra
+    ``artplug[autoattack]``; a source install of ``autoattack`` works too), run directly on the
+    model, for numbers comparable with RobustBench. Without the package, asking for it raises
+    :class:`~artplug.errors.ArtplugError` before any attack runs.
 
 Importing this module must not import ART or mlflow (``artplug validate`` reads :data:`ATTACKS`
 and must stay light): ART is imported inside the functions that need it.
@@ -28,36 +111,61 @@ and must stay light): ART is imported inside the functions that need it.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib
+import inspect
+import random
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from artplug.errors import ArtplugError
 from artplug.kinds import Threat
 
-ATTACK_TABLE_VERSION: int = 1
+ATTACK_TABLE_VERSION: int = 2
 """Version of the attack table; bump it whenever an existing entry changes what it computes."""
 
-AttackFactory = Callable[[Any, Threat, int], Any]
-"""``(classifier, threat, batch_size) -> ART evasion attack``, or ``None`` for "no attack".
+AUTOATTACK_MISSING = (
+    "the autoattack entry needs the pyautoattack package: pip install 'artplug[autoattack]'"
+)
+"""The error message when ``autoattack`` is requested and no AutoAttack package is installed."""
 
-``classifier`` is an ART ``PyTorchClassifier``; typed ``Any`` because ART is imported lazily.
+AUTOATTACK_ART_PARTS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "square")
+"""The entries ``autoattack-art`` runs, in order, as a per-example worst case."""
+
+Outcome = tuple[np.ndarray, np.ndarray]
+"""``(x_adv, correct)`` for the attacked examples: inputs scored and the robust mask."""
+
+AttackRunner = Callable[["_Context", np.ndarray, np.ndarray], Outcome]
+"""``(context, x, y) -> (x_adv, correct)``: attack the clean-correct examples ``x`` (numpy).
+
+``y`` holds class indices. ``x_adv`` must lie in the eps ball and in [0, 1]; ``correct[i]`` is
+True when the model classifies ``x_adv[i]`` as ``y[i]``. ART is imported inside the runner.
 """
 
 
 @dataclass(frozen=True)
 class AttackEntry:
-    """One row of the evaluation table: a one-line description and how to build the attack.
+    """One row of the evaluation table: a one-line description, a cost and how to run it.
 
-    ``factory`` imports ART itself when called, so defining entries costs no ART import.
+    ``run`` is ``None`` for ``clean`` (no attack); a runner imports ART itself when called, so
+    defining entries costs no ART import. ``cost`` is a one-line estimate per attacked example.
     """
 
     description: str
-    factory: AttackFactory
+    run: AttackRunner | None
+    cost: str
+
+
+# ------------------------------------------------------------------------------------------
+# Small helpers
 
 
 def _art_norm(threat: Threat) -> float:
@@ -69,66 +177,491 @@ def _art_norm(threat: Threat) -> float:
     raise ValueError(f"unsupported threat norm {threat.norm!r}; expected 'linf' or 'l2'")
 
 
-def _no_attack(classifier: Any, threat: Threat, batch_size: int) -> None:
-    """The ``clean`` entry: no attack."""
-    return None
+def _distances(delta: np.ndarray, threat: Threat) -> np.ndarray:
+    """Per-example size of ``delta`` in the threat's norm, in float64."""
+    flat = delta.reshape(delta.shape[0], -1).astype(np.float64)
+    if threat.norm == "linf":
+        return np.abs(flat).max(axis=1, initial=0.0)
+    return np.sqrt((flat**2).sum(axis=1))
 
 
-def _fgsm(classifier: Any, threat: Threat, batch_size: int) -> Any:
+def _one_hot_to_index(y: np.ndarray) -> np.ndarray:
+    """Class indices from index or one-hot labels (ART hands attacks' callbacks one-hot)."""
+    return y.argmax(axis=1) if y.ndim == 2 else y.astype(np.int64)
+
+
+def _margin_np(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``z_y - max_{j != y} z_j`` per row: positive while the example is classified correctly."""
+    rows = np.arange(logits.shape[0])
+    true = logits[rows, y]
+    other = logits.copy()
+    other[rows, y] = -np.inf
+    return np.asarray(true - other.max(axis=1), dtype=np.float64)
+
+
+class MarginLoss(nn.Module):
+    """The Carlini-Wagner margin ``max_{k != y} z_k - z_y`` on logits, as a torch loss.
+
+    Positive exactly when the example is misclassified, so an untargeted attack that ascends it
+    (ART ascends the estimator's loss) pushes the largest wrong logit over the true one. Takes
+    index labels or the one-hot labels ART passes to non-cross-entropy losses. ``reduction`` is
+    ``"mean"`` (default), ``"sum"`` or ``"none"``; ART sets it when it needs per-example values.
+    """
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        labels = target.argmax(dim=1) if target.dim() == 2 else target.long()
+        true = logits.gather(1, labels[:, None]).squeeze(1)
+        is_true = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, labels[:, None], True)
+        largest_other = logits.masked_fill(is_true, float("-inf")).amax(dim=1)
+        margin = largest_other - true
+        if self.reduction == "mean":
+            return margin.mean()
+        if self.reduction == "sum":
+            return margin.sum()
+        if self.reduction == "none":
+            return margin
+        raise ValueError(f"unknown reduction {self.reduction!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# The per-evaluation context the runners share
+
+
+@dataclass
+class _Context:
+    """What every runner needs: the ART classifier, the threat and the evaluation settings.
+
+    ``full`` caches the outcome of entries run on *all* clean-correct examples in this
+    evaluation (same inputs, same seed, so the same result): ``autoattack-art`` reuses its first
+    stage from an ``apgd-ce`` requested alongside, and the other way round.
+    """
+
+    classifier: Any
+    threat: Threat
+    batch_size: int
+    seed: int
+    device: torch.device
+    nb_classes: int
+    full: dict[str, Outcome] = field(default_factory=dict)
+    _margin: Any = None
+
+    @property
+    def eps(self) -> float:
+        return float(self.threat.eps)
+
+    @property
+    def norm(self) -> float:
+        return _art_norm(self.threat)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The model's logits for ``x`` in one batched pass."""
+        return np.asarray(self.classifier.predict(x, batch_size=self.batch_size))
+
+    def correct(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Mask of the rows of ``x`` classified as ``y``."""
+        return np.asarray(self.logits(x).argmax(axis=1) == y)
+
+    def margin_classifier(self) -> Any:
+        """A second ART classifier over the same model, whose loss is :class:`MarginLoss`."""
+        if self._margin is None:
+            self._margin = _make_classifier(
+                self.classifier.model,
+                MarginLoss(),
+                tuple(self.classifier.input_shape),
+                self.nb_classes,
+                self.device,
+            )
+            # Same model, same logits: the margin classifier shares the memo.
+            self._margin.logit_memo = self.classifier.logit_memo
+        return self._margin
+
+
+def _generate(ctx: _Context, attack: Any, x: np.ndarray, y: np.ndarray) -> Outcome:
+    """``attack.generate`` on ``(x, y)``, then one predict to score the result."""
+    # Index labels are fine here: ART turns numpy index labels into one-hot itself (only the
+    # torch-tensor path of loss_gradient chokes on index labels).
+    x_adv = np.asarray(attack.generate(x=x, y=y), dtype=np.float32)
+    return x_adv, ctx.correct(x_adv, y)
+
+
+# ------------------------------------------------------------------------------------------
+# Runners, one per kind of entry (parameters are bound when the table is built)
+
+
+def _fgsm(ctx: _Context, x: np.ndarray, y: np.ndarray) -> Outcome:
     """One gradient step of size eps from the clean input (FGSM for linf, FGM for l2)."""
     from art.attacks.evasion import FastGradientMethod
 
-    eps = float(threat.eps)
     # With minimal=False ART steps by ``eps`` and ignores ``eps_step``; it must still be > 0.
-    return FastGradientMethod(
-        classifier,
-        norm=_art_norm(threat),
-        eps=eps,
-        eps_step=eps,
+    attack = FastGradientMethod(
+        ctx.classifier,
+        norm=ctx.norm,
+        eps=ctx.eps,
+        eps_step=ctx.eps,
         targeted=False,
         num_random_init=0,
-        batch_size=batch_size,
+        batch_size=ctx.batch_size,
     )
+    return _generate(ctx, attack, x, y)
 
 
-def _pgd(max_iter: int) -> AttackFactory:
-    """Factory for PGD with ``max_iter`` steps of size eps/4 and one uniform random start."""
+def pgd_runner(max_iter: int, *, margin: bool = False) -> AttackRunner:
+    """PGD with ``max_iter`` steps of size eps/4 and one uniform random start.
 
-    def factory(classifier: Any, threat: Threat, batch_size: int) -> Any:
+    Cross-entropy, or the CW margin (:class:`MarginLoss`) when ``margin`` is true.
+    """
+
+    def run(ctx: _Context, x: np.ndarray, y: np.ndarray) -> Outcome:
         # The PyTorch implementation directly (not the ProjectedGradientDescent dispatcher): the
         # whole attack loop then runs as torch tensors on the classifier's device.
         from art.attacks.evasion import ProjectedGradientDescentPyTorch
 
-        eps = float(threat.eps)
-        return ProjectedGradientDescentPyTorch(
-            classifier,
-            norm=_art_norm(threat),
-            eps=eps,
-            eps_step=eps / 4,
+        attack = ProjectedGradientDescentPyTorch(
+            ctx.margin_classifier() if margin else ctx.classifier,
+            norm=ctx.norm,
+            eps=ctx.eps,
+            eps_step=ctx.eps / 4,
             max_iter=max_iter,
             targeted=False,
             num_random_init=1,
-            batch_size=batch_size,
+            batch_size=ctx.batch_size,
             random_eps=False,
             verbose=False,
         )
+        return _generate(ctx, attack, x, y)
 
-    return factory
+    return run
 
+
+def _apgd(ctx: _Context, max_iter: int, *, targeted: bool, loss_type: str) -> Any:
+    """ART's APGD with AutoAttack's budget: initial step 2 eps, one random start."""
+    from art.attacks.evasion import AutoProjectedGradientDescent
+
+    return AutoProjectedGradientDescent(
+        ctx.classifier,
+        norm=ctx.norm,
+        eps=ctx.eps,
+        eps_step=2 * ctx.eps,
+        max_iter=max_iter,
+        targeted=targeted,
+        nb_random_init=1,
+        batch_size=ctx.batch_size,
+        loss_type=loss_type,
+        verbose=False,
+    )
+
+
+def apgd_ce_runner(max_iter: int = 100) -> AttackRunner:
+    """APGD on the cross-entropy, ``max_iter`` iterations."""
+
+    def run(ctx: _Context, x: np.ndarray, y: np.ndarray) -> Outcome:
+        attack = _apgd(ctx, max_iter, targeted=False, loss_type="cross_entropy")
+        return _generate(ctx, attack, x, y)
+
+    return run
+
+
+def dlr_targets(logits: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """``(N, k)``: per row, the ``k`` classes with the largest logits other than ``y``.
+
+    In decreasing order of logit (ties: lower class index first), as AutoAttack's APGD-T picks
+    its targets from the clean logits.
+    """
+    scores = np.asarray(logits, dtype=np.float64).copy()
+    scores[np.arange(scores.shape[0]), y] = -np.inf
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def apgd_dlr_runner(max_iter: int = 100, max_targets: int = 9) -> AttackRunner:
+    """Targeted APGD-DLR over the top ``min(max_targets, K - 1)`` other classes, worst case."""
+
+    def run(ctx: _Context, x: np.ndarray, y: np.ndarray) -> Outcome:
+        if ctx.nb_classes < 3:
+            raise ValueError(
+                f"apgd-dlr needs a model with at least 3 classes (the DLR loss uses the "
+                f"third-largest logit), got {ctx.nb_classes}"
+            )
+        k = min(max_targets, ctx.nb_classes - 1)
+        targets = dlr_targets(ctx.logits(x), y, k)
+        attack = _apgd(ctx, max_iter, targeted=True, loss_type="difference_logits_ratio")
+        x_out = x.copy()
+        robust = np.ones(x.shape[0], dtype=bool)
+        for rank in range(k):
+            todo = np.flatnonzero(robust)
+            if todo.size == 0:
+                break
+            x_adv, still = _generate_targeted(ctx, attack, x[todo], y[todo], targets[todo, rank])
+            x_out[todo] = x_adv
+            robust[todo] = still
+        return x_out, robust
+
+    return run
+
+
+def _generate_targeted(
+    ctx: _Context, attack: Any, x: np.ndarray, y: np.ndarray, target: np.ndarray
+) -> Outcome:
+    """A targeted ``generate`` towards ``target``, scored against the true labels ``y``."""
+    x_adv = np.asarray(attack.generate(x=x, y=target), dtype=np.float32)
+    return x_adv, ctx.correct(x_adv, y)
+
+
+class LogitMemo:
+    """The logits of every row predicted in the last ``generations`` calls, keyed by content.
+
+    A row is identified by a 128-bit BLAKE2b digest of its float32 bytes, so a hit returns the
+    logits the model gave for exactly that input (eval mode, frozen weights: the same input
+    gives the same logits). Rows not found are predicted in one batched call. Keeping three
+    generations makes every per-iteration ``predict`` of ART's Square attack a hit (see
+    :func:`square_runner`); the memo's size stays at three calls' worth of rows.
+    ``rows_predicted`` counts the rows that actually went through the model.
+    """
+
+    def __init__(self, generations: int = 3) -> None:
+        self.generations: deque[dict[bytes, np.ndarray]] = deque(maxlen=generations)
+        self.rows_predicted = 0
+
+    def predict(self, compute: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+        """Logits of ``x``: remembered ones, and ``compute(rows)`` for the others."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in x]
+        found: list[np.ndarray | None] = []
+        for key in keys:
+            hit = None
+            for generation in reversed(self.generations):
+                hit = generation.get(key)
+                if hit is not None:
+                    break
+            found.append(hit)
+        missing = [i for i, hit in enumerate(found) if hit is None]
+        if len(missing) == len(x):
+            out = np.asarray(compute(x), dtype=np.float32)
+        else:
+            hits = [(i, hit) for i, hit in enumerate(found) if hit is not None]
+            out = np.empty((len(x), hits[0][1].shape[0]), dtype=np.float32)
+            for i, hit in hits:
+                out[i] = hit
+            if missing:
+                out[missing] = compute(x[missing])
+        self.rows_predicted += len(missing)
+        self.generations.append(dict(zip(keys, out.copy(), strict=True)))
+        return out
+
+
+def square_runner(max_iter: int = 5000, *, memo: bool = True) -> AttackRunner:
+    """ART's Square attack with ``max_iter`` queries and the margin loss.
+
+    Each iteration of ART's ``SquareAttack.generate`` predicts every current ``x_adv`` (to see
+    which are adversarial), then the rows not yet adversarial (the same inputs again) and the
+    candidate update. Only the candidates are new inputs: through the evaluation classifier's
+    :class:`LogitMemo` the model runs on the candidates only, as in the reference
+    implementation (3 passes become 1), and the final scoring costs nothing. ``memo=False``
+    attacks through a classifier without a memo: ART's plain behaviour (kept for tests).
+    """
+
+    def run(ctx: _Context, x: np.ndarray, y: np.ndarray) -> Outcome:
+        from art.attacks.evasion import SquareAttack
+
+        if x.ndim != 4:
+            raise ValueError(f"square needs image inputs (N, C, H, W), got shape {tuple(x.shape)}")
+        estimator = ctx.classifier
+        if not memo:
+            estimator = _make_classifier(
+                ctx.classifier.model,
+                nn.CrossEntropyLoss(),
+                tuple(ctx.classifier.input_shape),
+                ctx.nb_classes,
+                ctx.device,
+            )
+
+        def margin(x_rows: np.ndarray, y_rows: np.ndarray) -> np.ndarray:
+            logits = estimator.predict(x_rows, batch_size=ctx.batch_size)
+            return _margin_np(logits, _one_hot_to_index(y_rows))
+
+        attack = SquareAttack(
+            estimator,
+            norm=ctx.norm,
+            loss=margin,
+            max_iter=max_iter,
+            eps=ctx.eps,
+            p_init=0.8,
+            nb_restarts=1,
+            batch_size=ctx.batch_size,
+            verbose=False,
+        )
+        # ART's L2 initialisation divides by zero-norm tiles on images under 10 pixels wide.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_adv = np.asarray(attack.generate(x=x, y=y), dtype=np.float32)
+        logits = estimator.predict(x_adv, batch_size=ctx.batch_size)
+        return x_adv, np.asarray(logits.argmax(axis=1) == y)
+
+    return run
+
+
+def cw_l2_runner(binary_search_steps: int = 10, max_iter: int = 10) -> AttackRunner:
+    """ART's C&W L2, its examples accepted only inside the threat's eps ball."""
+
+    def run(ctx: _Context, x: np.ndarray, y: np.ndarray) -> Outcome:
+        from art.attacks.evasion import CarliniL2Method
+
+        attack = CarliniL2Method(
+            ctx.classifier,
+            confidence=0.0,
+            targeted=False,
+            learning_rate=0.01,
+            binary_search_steps=binary_search_steps,
+            max_iter=max_iter,
+            initial_const=0.01,
+            max_halving=5,
+            max_doubling=5,
+            batch_size=ctx.batch_size,
+            verbose=False,
+        )
+        x_adv, correct = _generate(ctx, attack, x, y)
+        accepted = ~correct & (_distances(x_adv - x, ctx.threat) <= ctx.eps)
+        where = accepted.reshape((-1,) + (1,) * (x.ndim - 1))
+        return np.where(where, x_adv, x).astype(np.float32), ~accepted
+
+    return run
+
+
+def _autoattack_art(ctx: _Context, x: np.ndarray, y: np.ndarray) -> Outcome:
+    """``AUTOATTACK_ART_PARTS`` in order, each on the survivors of the previous ones."""
+    x_out = x.copy()
+    robust = np.ones(x.shape[0], dtype=bool)
+    for name in AUTOATTACK_ART_PARTS:
+        todo = np.flatnonzero(robust)
+        if todo.size == 0:
+            break
+        if todo.size == x.shape[0]:
+            # Nothing broken yet: these are all the clean-correct examples, the same inputs a
+            # standalone entry sees, so its cached outcome (if any) is exactly this stage.
+            x_adv, still = _run_full(ctx, name, x, y)
+        else:
+            runner = ATTACK_ENTRIES[name].run
+            assert runner is not None
+            _seed(ctx.seed)
+            x_adv, still = runner(ctx, x[todo], y[todo])
+        # Survivors keep the last input tried on them (classified correctly, inside the ball).
+        x_out[todo] = x_adv
+        robust[todo] = still
+    return x_out, robust
+
+
+def _load_autoattack() -> Any:
+    """The ``AutoAttack`` class; :class:`ArtplugError` when no AutoAttack package is installed.
+
+    PyPI's ``pyautoattack`` installs the module ``pyautoattack``; a source install of
+    fra31/auto-attack installs ``autoattack``.
+    """
+    for module_name in ("pyautoattack", "autoattack"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        return module.AutoAttack
+    raise ArtplugError(AUTOATTACK_MISSING)
+
+
+def _autoattack(ctx: _Context, x: np.ndarray, y: np.ndarray) -> Outcome:
+    """The standard AutoAttack run directly on the model (ART's wrapper module).
+
+    Handles both APIs: pyautoattack 0.2 (keyword-only arguments, ``batch_size=``, returns
+    ``(x_adv, y_adv)``, logs instead of printing) and fra31/auto-attack (``bs=``, returns
+    ``x_adv``, prints unless ``verbose=False``).
+    """
+    auto_attack = _load_autoattack()
+    model = ctx.classifier.model  # the plain module ART runs: the model's own forward
+    options: dict[str, Any] = {
+        "norm": "Linf" if ctx.threat.norm == "linf" else "L2",
+        "eps": ctx.eps,
+        "version": "standard",
+        "seed": ctx.seed,
+        "device": ctx.device,
+    }
+    if "verbose" in inspect.signature(auto_attack).parameters:
+        options["verbose"] = False
+    adversary = auto_attack(model, **options)
+    run = adversary.run_standard_evaluation
+    size = "batch_size" if "batch_size" in inspect.signature(run).parameters else "bs"
+    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    out = run(x_t, y_t, **{size: ctx.batch_size})
+    x_adv = out[0] if isinstance(out, tuple) else out
+    x_np = x_adv.detach().to(device="cpu", dtype=torch.float32).numpy()
+    return x_np, ctx.correct(x_np, y)
+
+
+# ------------------------------------------------------------------------------------------
+# The table
+
+_PGD = "ART ProjectedGradientDescentPyTorch, {k} steps of eps/4, 1 uniform random start, {loss}"
 
 ATTACK_ENTRIES: Mapping[str, AttackEntry] = {
-    "clean": AttackEntry("no attack: accuracy on the clean inputs", _no_attack),
+    "clean": AttackEntry("no attack: accuracy on the clean inputs", None, "1 f (shared)"),
     "fgsm": AttackEntry(
         "one gradient step of size eps (sign for linf, L2-normalised for l2), no random start",
         _fgsm,
+        "1 F + 1 f",
     ),
     "pgd-20": AttackEntry(
         "ART PGD (PyTorch), 20 steps of eps/4, 1 uniform random start, cross-entropy",
-        _pgd(20),
+        pgd_runner(20),
+        "20 F + 1 f",
     ),
     "pgd-50": AttackEntry(
         "ART PGD (PyTorch), 50 steps of eps/4, 1 uniform random start, cross-entropy",
-        _pgd(50),
+        pgd_runner(50),
+        "50 F + 1 f",
+    ),
+    "pgd-20-cw": AttackEntry(
+        _PGD.format(k=20, loss="CW margin loss max_{k!=y} z_k - z_y"),
+        pgd_runner(20, margin=True),
+        "20 F + 1 f",
+    ),
+    "pgd-50-cw": AttackEntry(
+        _PGD.format(k=50, loss="CW margin loss max_{k!=y} z_k - z_y"),
+        pgd_runner(50, margin=True),
+        "50 F + 1 f",
+    ),
+    "apgd-ce": AttackEntry(
+        "ART AutoProjectedGradientDescent, cross-entropy, 100 iterations, initial step 2 eps, "
+        "1 random start",
+        apgd_ce_runner(100),
+        "<= 100 (F + f) + 4 f",
+    ),
+    "apgd-dlr": AttackEntry(
+        "ART AutoProjectedGradientDescent, targeted DLR loss, 100 iterations, initial step "
+        "2 eps, 1 random start, per target: the min(9, K-1) most likely other classes, worst case",
+        apgd_dlr_runner(100, 9),
+        "<= min(9, K-1) x (100 (F + f) + 4 f) + 1 f",
+    ),
+    "square": AttackEntry(
+        "ART SquareAttack (black-box), 5000 queries, p_init 0.8, 1 restart, margin loss; "
+        "image inputs only",
+        square_runner(5000),
+        "<= 5000 f on survivors + 2 f",
+    ),
+    "cw-l2": AttackEntry(
+        "ART CarliniL2Method (minimal L2 perturbation, 10 binary-search steps x 10 iterations); "
+        "broken only if the example it finds lies within eps in the threat's norm",
+        cw_l2_runner(10, 10),
+        "<= 100 x (2 F + 11 f) + 11 f",
+    ),
+    "autoattack-art": AttackEntry(
+        "apgd-ce, then apgd-dlr, then square on the survivors, worst case per example "
+        "(not the standard AutoAttack: no FAB-T; ART's APGD variants)",
+        _autoattack_art,
+        "<= apgd-ce + apgd-dlr + square, later ones on survivors only",
+    ),
+    "autoattack": AttackEntry(
+        "standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5000) from the pyautoattack "
+        "package; needs pip install 'artplug[autoattack]'",
+        _autoattack,
+        "standard AutoAttack's (about apgd-ce + 9 x apgd + 9 x FAB + square)",
     ),
 }
 """The evaluation table: entry name -> :class:`AttackEntry` (new rows: see the module docstring)."""
@@ -137,8 +670,16 @@ ATTACKS: dict[str, str] = {name: entry.description for name, entry in ATTACK_ENT
 """Entry name -> one-line description; available without importing ART."""
 
 
+# ------------------------------------------------------------------------------------------
+# Checks, model wrapping, random state
+
+
 def _check_names(attacks: Sequence[str]) -> list[str]:
-    """The requested names without duplicates, in order; ValueError on an unknown name."""
+    """The requested names without duplicates, in order; ValueError on an unknown name.
+
+    Also raises :class:`ArtplugError` up front when ``autoattack`` is requested and no
+    AutoAttack package is installed, before any other attack spends time.
+    """
     if isinstance(attacks, str):
         # A bare string is a Sequence[str] too; iterating it would look up single letters.
         attacks = [attacks]
@@ -148,7 +689,10 @@ def _check_names(attacks: Sequence[str]) -> list[str]:
             f"unknown evaluation attack(s) {', '.join(map(repr, unknown))}; "
             f"known: {', '.join(ATTACK_ENTRIES)}"
         )
-    return list(dict.fromkeys(attacks))
+    names = list(dict.fromkeys(attacks))
+    if "autoattack" in names:
+        _load_autoattack()
+    return names
 
 
 def _check_inputs(x: Tensor, y: Tensor, threat: Threat) -> None:
@@ -226,18 +770,21 @@ def _attack_mode(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def _own_rng(device: torch.device) -> Iterator[None]:
-    """Restore numpy's and torch's global random states on exit.
+    """Restore numpy's, torch's and Python's global random states on exit.
 
     Not only the attacks' seeding touches them: every ART ``predict`` iterates a torch
-    ``DataLoader``, which draws a base seed from torch's global generator.
+    ``DataLoader``, which draws a base seed from torch's global generator, and ART's L2 Square
+    draws from Python's ``random``.
     """
     np_state = np.random.get_state()
+    py_state = random.getstate()
     cuda_devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda_devices):
             yield
     finally:
         np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
 def _seed(seed: int) -> None:
@@ -245,27 +792,78 @@ def _seed(seed: int) -> None:
     # ART draws its random starts from numpy's global generator (art.utils.random_sphere).
     np.random.seed(seed)
     torch.manual_seed(seed)
+    random.seed(seed)
 
 
-def _classifier(model: nn.Module, x: Tensor, device: torch.device) -> Any:
-    """Wrap ``model`` (already in eval mode) in an ART ``PyTorchClassifier`` on ``device``."""
+@functools.cache
+def _classifier_type() -> type:
+    """ART's ``PyTorchClassifier`` with per-example class gradients in one backward pass.
+
+    ART's ``class_gradient(x, label=<one label per example>)`` runs one backward pass per
+    distinct label (up to K) and keeps one column per example; C&W calls it twice per step.
+    The gradient of ``sum_i z_{label_i}(x_i)`` with respect to ``x`` has exactly those
+    per-example rows (in eval mode each output depends on its own input only, which ART's
+    loop assumes too), in a single backward pass.
+    """
     from art.estimators.classification import PyTorchClassifier
 
-    model.to(device)  # ART would move it too; the probe forward below needs it there first
-    with torch.no_grad():
-        out = model(x[:1].to(device=device, dtype=torch.float32))
-    if out.dim() != 2:
-        raise ValueError(
-            f"the model must return logits of shape (N, classes), got {tuple(out.shape)}"
-        )
+    class ArtplugClassifier(PyTorchClassifier):  # type: ignore[misc]
+        logit_memo: LogitMemo | None = None
+        """When set, ``predict`` answers from (and fills) this memo."""
+
+        def predict(
+            self, x: np.ndarray, batch_size: int = 128, training_mode: bool = False, **kwargs: Any
+        ) -> np.ndarray:
+            memo = self.logit_memo
+            if memo is None or training_mode or kwargs:
+                return super().predict(
+                    x, batch_size=batch_size, training_mode=training_mode, **kwargs
+                )
+            return memo.predict(
+                lambda rows: super(ArtplugClassifier, self).predict(rows, batch_size=batch_size), x
+            )
+
+        def class_gradient(
+            self,
+            x: np.ndarray,
+            label: int | list[int] | np.ndarray | None = None,
+            training_mode: bool = False,
+            **kwargs: Any,
+        ) -> np.ndarray:
+            per_example = isinstance(label, (list, np.ndarray)) and len(label) == len(x)
+            if not per_example or self.is_rnn or not self.all_framework_preprocessing:
+                return super().class_gradient(x, label=label, training_mode=training_mode, **kwargs)
+            labels = torch.as_tensor(np.asarray(label), dtype=torch.int64, device=self._device)
+            if labels.dim() != 1 or bool(((labels < 0) | (labels >= self.nb_classes)).any()):
+                raise ValueError(f"Label {label} is out of range.")
+            self._model.train(mode=training_mode)
+            x_grad = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(self._device)
+            x_grad.requires_grad_(True)
+            x_input, _ = self._apply_preprocessing(x_grad, y=None, fit=False, no_grad=False)
+            logits = self._model(x_input)[-1]
+            picked = logits.gather(1, labels[:, None]).sum()
+            (grad,) = torch.autograd.grad(picked, x_grad)
+            return grad.detach().cpu().numpy()[:, None]
+
+    return ArtplugClassifier
+
+
+def _make_classifier(
+    module: nn.Module,
+    loss: nn.Module,
+    input_shape: tuple[int, ...],
+    nb_classes: int,
+    device: torch.device,
+) -> Any:
+    """An artplug ART classifier over ``module`` (already wrapped in :class:`_Plain`)."""
     is_cuda = device.type == "cuda"
     # ART picks ``cuda:{current_device()}`` at construction; make that the requested GPU.
     with torch.cuda.device(device) if is_cuda else nullcontext():
-        return PyTorchClassifier(
-            model=_Plain(model),
-            loss=nn.CrossEntropyLoss(),
-            input_shape=tuple(x.shape[1:]),
-            nb_classes=int(out.shape[1]),
+        return _classifier_type()(
+            model=module,
+            loss=loss,
+            input_shape=input_shape,
+            nb_classes=nb_classes,
             clip_values=(0.0, 1.0),
             # None, not ART's default (0, 1): normalization lives inside the model, and the
             # default would still insert an identity standardisation op into every call.
@@ -274,42 +872,86 @@ def _classifier(model: nn.Module, x: Tensor, device: torch.device) -> Any:
         )
 
 
-def _predict(classifier: Any, x_np: np.ndarray, batch_size: int) -> np.ndarray:
-    """Predicted class indices, in one batched pass."""
-    return np.asarray(classifier.predict(x_np, batch_size=batch_size)).argmax(axis=1)
+def _classifier(model: nn.Module, x: Tensor, device: torch.device) -> Any:
+    """Wrap ``model`` (already in eval mode) in an ART classifier on ``device``.
+
+    Its ``predict`` remembers the logits of recent inputs (:class:`LogitMemo`): inputs ART
+    predicts again (the clean ones inside PGD's success rate, Square's current points, the
+    adversarial examples artplug then scores) cost no second forward pass. This relies on the
+    model being deterministic in eval mode, as artplug's models are.
+    """
+    model.to(device)  # ART would move it too; the probe forward below needs it there first
+    with torch.no_grad():
+        out = model(x[:1].to(device=device, dtype=torch.float32))
+    if out.dim() != 2:
+        raise ValueError(
+            f"the model must return logits of shape (N, classes), got {tuple(out.shape)}"
+        )
+    classifier = _make_classifier(
+        _Plain(model), nn.CrossEntropyLoss(), tuple(x.shape[1:]), int(out.shape[1]), device
+    )
+    classifier.logit_memo = LogitMemo()
+    return classifier
+
+
+@contextmanager
+def _session(
+    model: nn.Module,
+    x: Tensor,
+    threat: Threat,
+    device: torch.device | None,
+    batch_size: int,
+    seed: int,
+) -> Iterator[_Context]:
+    """Attack mode, private random state and the current CUDA device for one evaluation."""
+    dev = _resolve_device(model, device)
+    # ART classifiers built inside attacks (APGD's loss wrappers) also take the current CUDA
+    # device, so it stays the requested one for the whole evaluation.
+    on_device = torch.cuda.device(dev) if dev.type == "cuda" else nullcontext()
+    with _attack_mode(model), _own_rng(dev), on_device:
+        classifier = _classifier(model, x, dev)
+        yield _Context(
+            classifier=classifier,
+            threat=threat,
+            batch_size=batch_size,
+            seed=seed,
+            device=dev,
+            nb_classes=int(classifier.nb_classes),
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# Running entries
+
+
+def _run_full(ctx: _Context, name: str, x: np.ndarray, y: np.ndarray) -> Outcome:
+    """Entry ``name`` on all clean-correct examples ``(x, y)``, freshly seeded; cached."""
+    if name not in ctx.full:
+        runner = ATTACK_ENTRIES[name].run
+        assert runner is not None
+        _seed(ctx.seed)
+        ctx.full[name] = runner(ctx, x, y)
+    return ctx.full[name]
 
 
 def _run_entry(
-    classifier: Any,
+    ctx: _Context,
     name: str,
-    threat: Threat,
     x_np: np.ndarray,
     y_np: np.ndarray,
     clean_correct: np.ndarray,
-    *,
-    batch_size: int,
-    seed: int,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Run one entry on the clean-correct examples.
 
     Returns ``(idx, x_sub, correct)``: the indices that were attacked, their adversarial inputs
     (``None`` when nothing was attacked) and the mask of robustly classified examples.
     """
-    attack = None
-    if threat.eps > 0:
-        attack = ATTACK_ENTRIES[name].factory(classifier, threat, batch_size)
     idx = np.flatnonzero(clean_correct)
-    if attack is None or idx.size == 0:
+    if ATTACK_ENTRIES[name].run is None or ctx.threat.eps <= 0 or idx.size == 0:
         return idx[:0], None, clean_correct
-    _seed(seed)
-    # Index labels are fine here: ART turns numpy index labels into one-hot itself (only the
-    # torch-tensor path of loss_gradient chokes on index labels).
-    x_sub = np.asarray(attack.generate(x=x_np[idx], y=y_np[idx]), dtype=np.float32)
-    # ART's PGD already predicts the clean and adversarial inputs once, to log a success rate
-    # (an eagerly evaluated logger.info argument that no setting turns off); the accuracy needs
-    # one more predict, on the attacked subset only.
+    x_sub, still = _run_full(ctx, name, x_np[idx], y_np[idx])
     correct = clean_correct.copy()
-    correct[idx] = _predict(classifier, x_sub, batch_size) == y_np[idx]
+    correct[idx] = still
     return idx, x_sub, correct
 
 
@@ -333,31 +975,67 @@ def generate_adversarial(
     """The adversarial batch that entry ``name`` evaluates, same shape, dtype and device as ``x``.
 
     Examples the model misclassifies on the clean input are returned unchanged (see the module
-    docstring), as is everything for ``clean`` or ``eps == 0``. The model's modes, parameter
-    flags and ``.grad`` are restored as in :func:`evaluate`.
+    docstring), as is everything for ``clean`` or ``eps == 0``; examples an entry could not
+    break come back as the last input it tried (or the clean one), which the model classifies
+    correctly. Every returned input lies in the eps ball and in [0, 1]. The model's modes,
+    parameter flags and ``.grad`` are restored as in :func:`evaluate`.
     """
     (name,) = _check_names([name])
     _check_inputs(x, y, threat)
-    dev = _resolve_device(model, device)
     x_np, y_np = _to_numpy(x, y)
-    with _attack_mode(model), _own_rng(dev):
-        classifier = _classifier(model, x, dev)
-        clean_correct = _predict(classifier, x_np, batch_size) == y_np
-        idx, x_sub, _ = _run_entry(
-            classifier,
-            name,
-            threat,
-            x_np,
-            y_np,
-            clean_correct,
-            batch_size=batch_size,
-            seed=seed,
-        )
+    with _session(model, x, threat, device, batch_size, seed) as ctx:
+        clean_correct = ctx.correct(x_np, y_np)
+        idx, x_sub, _ = _run_entry(ctx, name, x_np, y_np, clean_correct)
     x_adv = x.detach().clone()
     if x_sub is not None:
         where = torch.from_numpy(idx).to(x.device)
         x_adv[where] = torch.from_numpy(x_sub).to(device=x.device, dtype=x.dtype)
     return x_adv
+
+
+def evaluate_detailed(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: Threat,
+    attacks: Sequence[str],
+    *,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: torch.device | None = None,
+    on_attack: Callable[[str], None] | None = None,
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Accuracies and per-example robust masks under each requested entry, plus ``"worst"``.
+
+    Returns ``(accuracy, robust)``: ``accuracy[name]`` as :func:`evaluate` gives it, and
+    ``robust[name]`` a bool tensor of shape ``(N,)`` on ``x``'s device, True where the model
+    classifies example ``i`` correctly both clean and under that entry (``accuracy[name]`` is
+    its mean). Both dicts list the requested names in order, then ``"worst"``: the per-example
+    AND over every requested entry (clean included, so with ``["clean"]`` alone it is the clean
+    mask), i.e. an example counts only if it survives every requested attack. That is the
+    number to report for a set of attacks; it can be lower than each entry's own accuracy.
+    Empty ``attacks`` gives two empty dicts. Arguments and guarantees as :func:`evaluate`.
+    """
+    names = _check_names(attacks)
+    _check_inputs(x, y, threat)
+    if not names:
+        return {}, {}
+    x_np, y_np = _to_numpy(x, y)
+    masks: dict[str, np.ndarray] = {}
+    with _session(model, x, threat, device, batch_size, seed) as ctx:
+        # Clean predictions are needed by every entry (misclassified examples are not attacked),
+        # so they are computed once and double as the ``clean`` result.
+        clean_correct: np.ndarray | None = None
+        for name in names:
+            if on_attack is not None:
+                on_attack(name)
+            if clean_correct is None:
+                clean_correct = ctx.correct(x_np, y_np)
+            _, _, masks[name] = _run_entry(ctx, name, x_np, y_np, clean_correct)
+    masks["worst"] = np.logical_and.reduce(list(masks.values()))
+    accuracy = {name: float(mask.mean()) for name, mask in masks.items()}
+    robust = {name: torch.from_numpy(mask.copy()).to(x.device) for name, mask in masks.items()}
+    return accuracy, robust
 
 
 def evaluate(
@@ -377,44 +1055,30 @@ def evaluate(
     ``x`` holds inputs in [0, 1] (any device; normalization is inside the model) and ``y`` the
     class indices. ``attacks`` names entries of :data:`ATTACKS`; the result has one key per
     name, in the requested order. ``batch_size`` is used for every ART attack and prediction
-    (ART's own default, 32, wastes the accelerator). ``device`` defaults to where the model's
-    parameters are; ART moves the model there. ``on_attack(name)`` is called before each entry
-    starts (for a progress display).
+    (ART's own defaults, 32 or 1, waste the accelerator). ``device`` defaults to where the
+    model's parameters are; ART moves the model there. ``on_attack(name)`` is called before each
+    entry starts (for a progress display). For the per-example worst case over the requested
+    entries, use :func:`evaluate_detailed`.
 
     The model runs in eval mode; afterwards every module's training flag, every parameter's
     ``requires_grad`` and ``.grad`` are as they were. Results are reproducible for a given
     ``seed``. Raises ``ValueError`` for an unknown entry name (listing the known ones) or for
-    malformed inputs.
+    malformed inputs, and :class:`~artplug.errors.ArtplugError` when ``autoattack`` is requested
+    without its package.
     """
-    names = _check_names(attacks)
-    _check_inputs(x, y, threat)
-    results: dict[str, float] = {}
-    if not names:
-        return results
-    dev = _resolve_device(model, device)
-    x_np, y_np = _to_numpy(x, y)
-    with _attack_mode(model), _own_rng(dev):
-        classifier = _classifier(model, x, dev)
-        # Clean predictions are needed by every entry (misclassified examples are not attacked),
-        # so they are computed once and double as the ``clean`` result.
-        clean_correct: np.ndarray | None = None
-        for name in names:
-            if on_attack is not None:
-                on_attack(name)
-            if clean_correct is None:
-                clean_correct = _predict(classifier, x_np, batch_size) == y_np
-            _, _, correct = _run_entry(
-                classifier,
-                name,
-                threat,
-                x_np,
-                y_np,
-                clean_correct,
-                batch_size=batch_size,
-                seed=seed,
-            )
-            results[name] = float(correct.mean())
-    return results
+    accuracy, _ = evaluate_detailed(
+        model,
+        x,
+        y,
+        threat,
+        attacks,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        on_attack=on_attack,
+    )
+    accuracy.pop("worst", None)
+    return accuracy
 
 
 def format_table(results: Mapping[str, float], title: str | None = None) -> str:

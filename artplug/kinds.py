@@ -105,6 +105,24 @@ class Outputs:
     logits_adv: Tensor | None
 
 
+@dataclass(frozen=True)
+class RecipeView:
+    """The technique stack of a recipe, for a technique's optional ``check_recipe``.
+
+    A technique class may define ``check_recipe(cls, params, recipe: RecipeView) ->
+    Iterable[str]`` (a classmethod); every string it returns is a reason why this combination
+    is invalid, reported by ``artplug validate`` at the technique's location. Use it for rules
+    the four kinds cannot express on their own ("he-margin needs the hypersphere transform").
+    """
+
+    transforms: tuple[str, ...]
+    perturbation: str
+    losses: tuple[str, ...]
+    schedules: tuple[str, ...]
+    threat: Threat
+    model_mode: str = "eval"
+
+
 @runtime_checkable
 class ModelTransform(Protocol):
     """Changes the network once, before training (e.g. smooth activations, a normalized head).

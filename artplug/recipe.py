@@ -25,12 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from artplug.data import DATASETS
 from artplug.errors import RecipeError
 from artplug.evaluate import ATTACKS
-from artplug.kinds import Kind, Threat
+from artplug.kinds import Kind, RecipeView, Threat
 from artplug.models import ARCHITECTURES
 from artplug.registry import Registries
 
@@ -134,6 +141,64 @@ class EvalSection(_Section):
     n_examples: int = Field(500, ge=1, description="size of the seeded validation subset")
     test_examples: int | None = Field(None, ge=1, description="None = the full test split")
     batch_size: int = Field(512, ge=1)
+    overfit_check: Literal["off", "log", "stop"] = Field(
+        "off",
+        description="catastrophic-overfitting detection after every epoch: 'log' records the "
+        "event, 'stop' also ends training and restores the last good checkpoint",
+    )
+    overfit_examples: int = Field(256, ge=1, description="fixed training examples it attacks")
+    overfit_drop: float = Field(
+        0.2, gt=0.0, le=1.0, description="PGD-20 accuracy drop (absolute) that counts as collapse"
+    )
+    select: Literal["last", "best"] = Field(
+        "best",
+        description="checkpoint the final evaluation uses: 'best' = highest robust validation "
+        "accuracy (first non-clean entry of attacks; clean accuracy breaks ties), 'last' = the "
+        "last epoch; 'best' needs every_epochs > 0, else the last one is used",
+    )
+    early_stop_patience: int = Field(
+        0,
+        ge=0,
+        description="stop when robust validation accuracy has not improved for N validations "
+        "(robust overfitting); 0 = off; needs every_epochs > 0",
+    )
+    sanity: bool = Field(
+        True, description="run the sanity gate (gradient-masking checks) after training"
+    )
+    sanity_examples: int = Field(
+        200, ge=1, description="test examples the sanity gate attacks (at most test_examples)"
+    )
+    sanity_tolerance: float = Field(
+        0.05, ge=0.0, le=1.0, description="accuracy slack (absolute) of the sanity checks"
+    )
+    sanity_black_box: Literal["random-search", "square"] = Field(
+        "random-search",
+        description="black-box attack of the sanity gate: artplug's torch random search "
+        "(1000 queries, seconds) or the attack table's 'square' (5000 ART queries, minutes)",
+    )
+    eps_curve: list[float] = Field(
+        default_factory=list,
+        description="eps values of a robust-accuracy curve (pgd-20) after training; [] = off",
+    )
+    eps_curve_examples: int | None = Field(
+        None, ge=1, description="test examples of the eps curve; None = as test_examples"
+    )
+
+    @field_validator("eps_curve")
+    @classmethod
+    def _curve_radii(cls, value: list[float]) -> list[float]:
+        bad = [eps for eps in value if not (math.isfinite(eps) and eps >= 0.0)]
+        if bad:
+            raise ValueError(f"eps values must be finite and >= 0, got {bad}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _patience_needs_validation(self) -> EvalSection:
+        if self.early_stop_patience and not self.every_epochs:
+            raise ValueError(
+                "early_stop_patience needs validation during training; set every_epochs > 0"
+            )
+        return self
 
 
 class TrackingSection(_Section):
@@ -430,6 +495,24 @@ def _cross_check(
                 )
             else:
                 owner[knob] = f"{spec.location} ({spec.use})"
+
+    threat_section = sections.get("threat")
+    if perturbation is not None and threat_section is not None:
+        view = RecipeView(
+            transforms=tuple(spec.use for spec in specs["transform"]),
+            perturbation=perturbation.use,
+            losses=tuple(spec.use for spec in specs["loss"]),
+            schedules=tuple(spec.use for spec in specs["schedule"]),
+            threat=threat_section.threat(),
+            model_mode=perturbation.model_mode,
+        )
+        every = [perturbation, *specs["transform"], *specs["loss"], *specs["schedule"]]
+        for spec in every:
+            check = getattr(spec.cls, "check_recipe", None)
+            if check is None:
+                continue
+            for reason in check(spec.params, view):
+                problems.append(f"{spec.location} ({spec.use}): {reason}")
 
     evaluation = sections.get("eval")
     if evaluation is not None:

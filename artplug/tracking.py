@@ -137,9 +137,12 @@ class MlflowTracker:
         *,
         artifact_location: str | None = None,
         resume_run_id: str | None = None,
+        keep_status: bool = False,
     ) -> None:
         self.experiment = experiment
         self.resume_run_id = resume_run_id
+        # With keep_status (evaluating a finished run later), the run's status is left as found.
+        self.keep_status = keep_status
         self.run_name = run_name
         self.tracking_uri = tracking_uri
         self.artifact_location = artifact_location
@@ -163,6 +166,7 @@ class MlflowTracker:
             return
         import mlflow
 
+        _quiet_store_setup_logs()
         uri = self.tracking_uri or mlflow.get_tracking_uri()
         try:
             _probe_http(uri)
@@ -171,7 +175,8 @@ class MlflowTracker:
                 # Continue the interrupted run: same id, so its metrics continue one curve.
                 run = client.get_run(self.resume_run_id)
                 experiment_id = run.info.experiment_id
-                client.update_run(run.info.run_id, status="RUNNING")
+                if not self.keep_status:
+                    client.update_run(run.info.run_id, status="RUNNING")
             else:
                 experiment_id = self._experiment_id(client)
                 user = _user()
@@ -224,6 +229,8 @@ class MlflowTracker:
         if self.run_id is None or self._ended:
             return
         self._ended = True
+        if self.keep_status:
+            return
         self._call("end the run", "set_terminated", status)
 
     def describe(self) -> str:
@@ -477,3 +484,39 @@ def provenance_tags(*, device: str, plugins: Mapping[str, str]) -> dict[str, str
         if status is not None:
             tags["git.dirty"] = "true" if status.strip() else "false"
     return tags
+
+
+def _quiet_store_setup_logs() -> None:
+    # A new sqlite store prints INFO lines while creating its tables; they would break the
+    # one-line error convention and add noise to every first run.
+    import logging
+
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def download_checkpoints(run_id: str, dest: str | Path, *, tracking_uri: str | None = None) -> Path:
+    """Download the ``checkpoints/`` artifacts of MLflow run ``run_id`` into ``dest``.
+
+    Returns the local folder. Raises :class:`~artplug.errors.ArtplugError` (one line) when the
+    run or its checkpoints cannot be found.
+    """
+    import mlflow
+
+    _quiet_store_setup_logs()
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except Exception as exc:
+        raise ArtplugError(
+            f"{run_id}: no such MLflow run at '{uri}' ({_short(exc, 200)}); pass a checkpoint "
+            "file or run folder, or set MLFLOW_TRACKING_URI / --tracking-uri"
+        ) from None
+    try:
+        folder = client.download_artifacts(run_id, "checkpoints", str(dest))
+    except Exception as exc:
+        raise ArtplugError(
+            f"{run_id}: the run has no checkpoints/ artifact ({_short(exc, 200)})"
+        ) from None
+    return Path(folder)

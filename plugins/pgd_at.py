@@ -9,6 +9,9 @@ with cross-entropy on the result. This module registers:
 
 - perturbation ``none``: the clean batch (standard training);
 - perturbation ``pgd``: the multi-step attack, L-inf or L2 following the recipe's ``[threat]``;
+  untargeted by default, or targeted towards the least-likely class (``target =
+  "least-likely"``, the ``pgdll`` attack that the official adversarial-logit-pairing code trains
+  with; see ``artplug_plugins.alp``);
 - loss term ``cross-entropy``: mean cross-entropy on the adversarial (or clean) logits.
 
 Defaults follow the Bag-of-Tricks CIFAR-10 baseline (PGD-10, step 2/255 at ε = 8/255, one
@@ -59,6 +62,13 @@ class PGD:
     times the radius so it can reach the boundary from any start: 2/255 at ε = 8/255 and 10
     steps. ``eps`` is the training threat of the step (``state.threat``), so under an eps
     warm-up the default step shrinks with it; an explicit ``step_size`` does not.
+
+    ``target = "least-likely"`` makes the attack targeted, as ALP's ``pgdll`` (Kannan et al.
+    2018; Kurakin et al. 2017's "iterative least-likely class" method): the target ``t`` is the
+    class with the lowest attack-scaled output on the clean input (one extra forward, no graph,
+    in the attack's model mode, shared by all restarts), and every step descends
+    ``CE(s · f(x'), t)``, i.e. ascends ``−CE``; restarts keep the result with the lowest
+    cross-entropy to ``t``. The labels ``y`` are then not used.
     """
 
     name = "pgd"
@@ -77,6 +87,11 @@ class PGD:
         )
         restarts: int = Field(
             1, ge=1, description="independent runs; keep the highest-loss result per example"
+        )
+        target: Literal["none", "least-likely"] = Field(
+            "none",
+            description='"none": untargeted, ascend CE(f(x\'), y); "least-likely": descend CE '
+            "towards the class with the lowest clean output (ALP's pgdll)",
         )
 
         @model_validator(mode="after")
@@ -109,17 +124,27 @@ class PGD:
         step_size = (
             2.5 * threat.eps / steps if params.step_size is None else float(params.step_size)
         )
+        targeted = params.target == "least-likely"
+        if targeted:
+            # The least-likely class of the clean input, once per call (s > 0, so the argmin of
+            # the scaled outputs is that of the raw ones; scaled to state the rule exactly).
+            with torch.no_grad():
+                labels = (artplug.attack_logit_scale(model) * model(x)).argmin(dim=1)
+        else:
+            labels = y
         # The engine enables grad, but calling generate under no_grad (tests, a user's own
         # evaluation loop) must not silently produce a zero-gradient attack.
         with torch.enable_grad():
-            best = self._walk(model, x, y, threat, steps, step_size, bool(params.random_start))
+            best = self._walk(
+                model, x, labels, threat, steps, step_size, bool(params.random_start), targeted
+            )
             if restarts == 1:
                 return best
-            best_loss = _per_example_loss(model, best, y)
+            best_loss = _per_example_loss(model, best, labels, targeted)
             for _ in range(restarts - 1):
                 # Further restarts always start randomly: from x they would repeat the first.
-                candidate = self._walk(model, x, y, threat, steps, step_size, True)
-                loss = _per_example_loss(model, candidate, y)
+                candidate = self._walk(model, x, labels, threat, steps, step_size, True, targeted)
+                loss = _per_example_loss(model, candidate, labels, targeted)
                 # torch.where keeps the choice on the device (no .item(), no Python branch);
                 # strict '>' keeps the earlier restart on ties.
                 better = loss > best_loss
@@ -136,8 +161,13 @@ class PGD:
         steps: int,
         step_size: float,
         random_start: bool,
+        targeted: bool = False,
     ) -> Tensor:
-        """One PGD run of ``steps`` projected ascent steps; returns a detached tensor."""
+        """One PGD run of ``steps`` projected ascent steps; returns a detached tensor.
+
+        Untargeted: ascend ``CE(s · f(x'), y)``. Targeted (``y`` holds the targets): ascend
+        ``−CE(s · f(x'), y)``, i.e. step towards the target class.
+        """
         start = artplug.random_start(x, threat) if random_start else x
         scale = artplug.attack_logit_scale(model)
 
@@ -147,16 +177,30 @@ class PGD:
             # under fp16 autocast).
             return F.cross_entropy(scale * outputs, y, reduction="sum")
 
+        def targeted_objective(outputs: Tensor) -> Tensor:
+            return -F.cross_entropy(scale * outputs, y, reduction="sum")
+
         return artplug.projected_ascent(
-            model, x, start, threat, objective, steps=steps, step_size=step_size
+            model,
+            x,
+            start,
+            threat,
+            targeted_objective if targeted else objective,
+            steps=steps,
+            step_size=step_size,
         )
 
 
-def _per_example_loss(model: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy of each example at ``x_adv`` (no graph kept), to rank restarts."""
+def _per_example_loss(model: nn.Module, x_adv: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
+    """The attack objective of each example at ``x_adv`` (no graph kept), to rank restarts.
+
+    Cross-entropy to ``y``; its negation when the attack is targeted (``y`` = the targets), so
+    that higher is better in both cases.
+    """
     with torch.no_grad():
         logits = artplug.attack_logit_scale(model) * model(x_adv)
-        return F.cross_entropy(logits, y, reduction="none").float()
+        loss = F.cross_entropy(logits, y, reduction="none").float()
+        return -loss if targeted else loss
 
 
 class CrossEntropy:

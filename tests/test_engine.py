@@ -264,3 +264,62 @@ def test_cuda_step_with_amp_and_channels_last(plugin_set, tmp_path):
     assert c.train_loader is not None and next(c.model.parameters()).is_cuda
     result = fit(c, run_dir=tmp_path / "gpu", max_steps=3)
     assert 0.0 <= result.final["clean"] <= 1.0
+
+
+def _fake_evaluate(sequence):
+    """An evaluate() stand-in that returns the next scripted accuracies for the overfit check."""
+    calls = iter(sequence)
+
+    def fake(model, x, y, threat, attacks, **kwargs):
+        if tuple(attacks) == ("fgsm", "pgd-20"):
+            fgsm, pgd = next(calls)
+            return {"fgsm": fgsm, "pgd-20": pgd}
+        return {name: 0.5 for name in attacks}
+
+    return fake
+
+
+@pytest.mark.parametrize("action", ["log", "stop"])
+def test_catastrophic_overfitting_is_detected(plugin_set, tmp_path, monkeypatch, action):
+    import json
+
+    import artplug.evaluate
+
+    # Epoch 3: PGD accuracy collapses 0.40 -> 0.05 while FGSM rises 0.50 -> 0.80.
+    scripted = [(0.45, 0.35), (0.50, 0.40), (0.80, 0.05), (0.85, 0.02)]
+    monkeypatch.setattr(artplug.evaluate, "evaluate", _fake_evaluate(scripted))
+    raw = digits_recipe(run={"name": "co", "epochs": 4, "log_every": 50})
+    raw["eval"] = {
+        "every_epochs": 0,
+        "final_attacks": ["clean"],
+        "overfit_check": action,
+        "sanity": False,
+    }
+    c = build(resolve(raw, plugin_set.registries))
+    result = fit(c, run_dir=tmp_path / "co")
+    report = json.loads((tmp_path / "co" / "eval.json").read_text())
+    assert report["catastrophic_overfitting"].startswith("catastrophic overfitting at epoch 3")
+    good = ckpt.load(tmp_path / "co" / "checkpoint-good.pt")
+    assert good["epoch"] == 2  # the last epoch that passed the check
+    if action == "stop":
+        assert result.epochs_done == 3 and report["checkpoint"] == "checkpoint-good.pt"
+        for name, tensor in c.model.state_dict().items():
+            assert torch.equal(tensor, good["model"][name])
+    else:
+        assert result.epochs_done == 4 and report["checkpoint"] == "checkpoint-last.pt"
+
+
+def test_overfit_check_stays_quiet_on_a_healthy_run(plugin_set, tmp_path, monkeypatch):
+    import artplug.evaluate
+
+    scripted = [(0.45, 0.35), (0.50, 0.30), (0.55, 0.42)]  # a 0.05 dip is not a collapse
+    monkeypatch.setattr(artplug.evaluate, "evaluate", _fake_evaluate(scripted))
+    raw = digits_recipe(run={"name": "ok", "epochs": 3, "log_every": 50})
+    raw["eval"] = {
+        "every_epochs": 0,
+        "final_attacks": ["clean"],
+        "overfit_check": "stop",
+        "sanity": False,
+    }
+    result = fit(build(resolve(raw, plugin_set.registries)), run_dir=tmp_path / "ok")
+    assert result.epochs_done == 3

@@ -336,3 +336,107 @@ def test_hookimpls_register_through_pluggy() -> None:
     pm.hook.register_loss_terms(register=lambda cls: losses.add(cls, "pgd_at"))
     assert perturbations.names() == ["none", "pgd"]
     assert losses.names() == ["cross-entropy"]
+
+
+# ---------------------------------------------------------------- pgd target = "least-likely"
+
+
+def least_likely(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x).argmin(dim=1)
+
+
+def target_prob(model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
+    with torch.no_grad():
+        return torch.softmax(model(x), dim=1).gather(1, t[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("step_size", [0.03, None])
+def test_pgd_least_likely_one_step_descends_ce_towards_the_argmin_class(
+    step_size: float | None,
+) -> None:
+    model = linear_model()
+    x, y = batch()
+    eps = 0.05
+    threat = artplug.Threat("linf", eps)
+    out = pgd(steps=1, random_start=False, step_size=step_size, target="least-likely").generate(
+        model, x, y, step_state(model, eps)
+    )
+    t = least_likely(model, x)
+    assert not torch.equal(t, y), "test case should have targets other than the labels"
+    alpha = 2.5 * eps if step_size is None else step_size
+    expected = artplug.project(x - alpha * ce_input_grad(model, x, t).sign(), x, threat)
+    assert torch.equal(out, expected)
+
+
+def test_pgd_least_likely_one_l2_step() -> None:
+    model = linear_model()
+    x, y = batch(low=0.3, high=0.7)
+    eps, alpha = 0.5, 0.3
+    threat = artplug.Threat("l2", eps)
+    out = pgd(steps=1, random_start=False, step_size=alpha, target="least-likely").generate(
+        model, x, y, step_state(model, eps, "l2")
+    )
+    grad = ce_input_grad(model, x, least_likely(model, x))
+    unit = grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, artplug.project(x - alpha * unit, x, threat))
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_pgd_least_likely_raises_the_target_probability_inside_the_ball(
+    norm: str, eps: float
+) -> None:
+    torch.manual_seed(0)
+    model = linear_model()
+    x, y = batch()
+    out = pgd(target="least-likely").generate(model, x, y, step_state(model, eps, norm))
+    t = least_likely(model, x)
+    assert torch.all(target_prob(model, out, t) > target_prob(model, x, t))
+    delta = (out - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert size.max() <= eps + 1e-9 and out.min() >= 0 and out.max() <= 1
+
+
+def test_pgd_least_likely_takes_the_target_once_from_the_clean_input_and_ignores_y() -> None:
+    model = Recorder(linear_model())
+    x, y = batch()
+    attack = pgd(steps=3, random_start=False, target="least-likely")
+    out = attack.generate(model, x, y, step_state(model, 0.05))
+    # One clean forward for the target, then one per step (the target is not re-chosen).
+    assert len(model.inputs) == 1 + 3
+    assert torch.equal(model.inputs[0], x)
+    assert torch.equal(out, attack.generate(model, x, (y + 1) % 4, step_state(model, 0.05)))
+
+
+def test_pgd_least_likely_restarts_keep_the_lowest_ce_to_the_target() -> None:
+    model = linear_model(classes=5)
+    x, y = batch(n=32, classes=5)
+    eps = 0.3
+    state = step_state(model, eps)
+    params = {"steps": 1, "step_size": eps / 4, "target": "least-likely"}
+    restarts = 3
+    torch.manual_seed(8)
+    out = pgd(restarts=restarts, **params).generate(model, x, y, state)
+    torch.manual_seed(8)
+    single = pgd(restarts=1, **params)
+    runs = torch.stack([single.generate(model, x, y, state) for _ in range(restarts)])
+    t = least_likely(model, x)
+    to_target = torch.stack([per_example_ce(model, r, t) for r in runs])  # (restarts, N)
+    winner = to_target.argmin(dim=0)
+    assert len(set(winner.tolist())) > 1, "test case should have different winning restarts"
+    assert torch.equal(out, runs[winner, torch.arange(len(x))])
+
+
+def test_pgd_target_default_and_validation() -> None:
+    assert PGD.Params().target == "none"
+    assert PGD.Params(target="least-likely").target == "least-likely"
+    with pytest.raises(ValidationError):
+        PGD.Params(target="most-likely")  # type: ignore[arg-type]
+
+
+def test_pgd_least_likely_is_detached_and_leaves_no_parameter_grad() -> None:
+    model = linear_model(dtype=torch.float32)
+    x, y = batch(dtype=torch.float32)
+    out = pgd(target="least-likely", restarts=2).generate(model, x, y, step_state(model, 8 / 255))
+    assert not out.requires_grad and out.dtype == x.dtype
+    assert all(p.grad is None for p in model.parameters())

@@ -120,7 +120,7 @@ def test_disable_env_blocks_builtins(monkeypatch):
     monkeypatch.setenv("ARTPLUG_DISABLE_PLUGINS", "fgsm, schedules")
     plugins = load_plugins()
     assert "fgsm" not in plugins.registries.perturbation
-    assert not len(plugins.registries.schedule)
+    assert "cosine-lr" not in plugins.registries.schedule
     assert {"fgsm", "schedules"} <= plugins.blocked
     assert "pgd" in plugins.registries.perturbation
 
