@@ -28,6 +28,7 @@ from artplug.ops import (
     projected_ascent,
     random_start,
 )
+from artplug.phase import Phase, current_phase
 from artplug.registry import Register
 
 __version__ = "0.1.0.dev0"
@@ -43,6 +44,7 @@ __all__ = [
     "ModelTransform",
     "Outputs",
     "Perturbation",
+    "Phase",
     "PluginError",
     "Progress",
     "RecipeError",
@@ -54,6 +56,7 @@ __all__ = [
     "__version__",
     "ascent_step",
     "attack_logit_scale",
+    "current_phase",
     "hookimpl",
     "logit_scale",
     "project",

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 import artplug
 from artplug import checkpoint as ckpt
+from artplug import phase
 from artplug.data import BatchLoader, DatasetSplits, load_dataset
 from artplug.display import Display
 from artplug.errors import ArtplugError, CheckpointError
@@ -358,14 +359,20 @@ def train_step(
         state = StepState(progress, knobs, model, threat, replay)
         with autocast:
             model.train(attack_train_mode)
-            x_adv = perturbation.generate(model, x, y, state)
+            with phase.running("attack"):
+                x_adv = perturbation.generate(model, x, y, state)
             model.train()
             if after_backward is not None:
                 x_adv.requires_grad_(True)
-            logits_clean = model(x) if needs_clean else None
-            logits_adv = model(x_adv) if needs_adv else None
+            # The phases tell transforms which pass this is (artplug/phase.py): a latent
+            # perturbation site perturbs only the update's forward of x_adv.
+            with phase.running("update-clean"):
+                logits_clean = model(x) if needs_clean else None
+            with phase.running("update-adv"):
+                logits_adv = model(x_adv) if needs_adv else None
             out = Outputs(x, y, x_adv, logits_clean, logits_adv)
-            parts = [slot.term(out, state) for slot in c.losses]
+            with phase.running("update"):
+                parts = [slot.term(out, state) for slot in c.losses]
             loss = parts[0] * c.losses[0].weight
             for slot, part in zip(c.losses[1:], parts[1:], strict=True):
                 loss = loss + slot.weight * part

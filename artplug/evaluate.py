@@ -24,9 +24,10 @@ Conventions shared by every entry:
 - Every ART attack runs with ``batch_size`` = the evaluation's batch size (ART's defaults are 32
   or 1) and ``verbose=False``; the model runs in eval mode with its parameters frozen, so ART's
   ``loss.backward()`` computes input gradients only.
-- The ART classifier remembers the logits of the inputs it predicted in its last three calls,
-  keyed by content (:class:`LogitMemo`), so an input ART predicts again costs no forward pass.
-  This assumes a deterministic model in eval mode (artplug's models are).
+- The ART classifier remembers the logits of the clean inputs and of the inputs of its last
+  three ``predict`` calls, keyed by content (:class:`LogitMemo`), so an input ART predicts
+  again costs no forward pass. This assumes a deterministic model in eval mode (artplug's
+  models are).
 
 The table (version 2). Cost is per attacked example; ``F`` is one forward + backward pass, ``f``
 one forward pass; ``K`` the number of classes.
@@ -63,8 +64,9 @@ one forward pass; ``K`` the number of classes.
     and an example is robust only if it survives every target (per-example worst case). ART's
     targeted DLR loss is ``-(z_t - max_{j != t} z_j) / (z_pi1 - z_pi3)`` (pi = logits sorted in
     decreasing order), not AutoAttack's ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``; both
-    are invariant to the scale of the logits. Needs ``K >= 3``. Cost at most k times
-    ``apgd-ce``'s, plus 1 f.
+    are invariant to the scale of the logits. ART keeps a targeted run's iterate only if it
+    reaches the target (an example pushed to a third class keeps its random start). Needs
+    ``K >= 3``. Cost at most k times ``apgd-ce``'s.
 ``square``
     ART ``SquareAttack(norm, eps, max_iter=5000, p_init=0.8, nb_restarts=1)``: the black-box
     random search with standard AutoAttack's budget of 5000 queries (iterations), stopping early
@@ -257,13 +259,13 @@ class _Context:
     def norm(self) -> float:
         return _art_norm(self.threat)
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """The model's logits for ``x`` in one batched pass."""
-        return np.asarray(self.classifier.predict(x, batch_size=self.batch_size))
+    def logits(self, x: np.ndarray, *, pin: bool = False) -> np.ndarray:
+        """The model's logits for ``x`` in one batched pass (``pin``: keep them in the memo)."""
+        return np.asarray(self.classifier.predict(x, batch_size=self.batch_size, pin=pin))
 
-    def correct(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def correct(self, x: np.ndarray, y: np.ndarray, *, pin: bool = False) -> np.ndarray:
         """Mask of the rows of ``x`` classified as ``y``."""
-        return np.asarray(self.logits(x).argmax(axis=1) == y)
+        return np.asarray(self.logits(x, pin=pin).argmax(axis=1) == y)
 
     def margin_classifier(self) -> Any:
         """A second ART classifier over the same model, whose loss is :class:`MarginLoss`."""
@@ -417,26 +419,31 @@ class LogitMemo:
     logits the model gave for exactly that input (eval mode, frozen weights: the same input
     gives the same logits). Rows not found are predicted in one batched call. Keeping three
     generations makes every per-iteration ``predict`` of ART's Square attack a hit (see
-    :func:`square_runner`); the memo's size stays at three calls' worth of rows.
+    :func:`square_runner`); the memo's size stays at three calls' worth of rows, plus the rows
+    of calls made with ``pin=True`` (the clean inputs), which stay for the whole evaluation.
     ``rows_predicted`` counts the rows that actually went through the model.
     """
 
     def __init__(self, generations: int = 3) -> None:
         self.generations: deque[dict[bytes, np.ndarray]] = deque(maxlen=generations)
+        self.pinned: dict[bytes, np.ndarray] = {}
         self.rows_predicted = 0
 
-    def predict(self, compute: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    def _lookup(self, key: bytes) -> np.ndarray | None:
+        hit = self.pinned.get(key)
+        for generation in reversed(self.generations):
+            if hit is not None:
+                break
+            hit = generation.get(key)
+        return hit
+
+    def predict(
+        self, compute: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, pin: bool = False
+    ) -> np.ndarray:
         """Logits of ``x``: remembered ones, and ``compute(rows)`` for the others."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in x]
-        found: list[np.ndarray | None] = []
-        for key in keys:
-            hit = None
-            for generation in reversed(self.generations):
-                hit = generation.get(key)
-                if hit is not None:
-                    break
-            found.append(hit)
+        found = [self._lookup(key) for key in keys]
         missing = [i for i, hit in enumerate(found) if hit is None]
         if len(missing) == len(x):
             out = np.asarray(compute(x), dtype=np.float32)
@@ -448,7 +455,11 @@ class LogitMemo:
             if missing:
                 out[missing] = compute(x[missing])
         self.rows_predicted += len(missing)
-        self.generations.append(dict(zip(keys, out.copy(), strict=True)))
+        remembered = dict(zip(keys, out.copy(), strict=True))
+        if pin:
+            self.pinned.update(remembered)
+        else:
+            self.generations.append(remembered)
         return out
 
 
@@ -637,7 +648,7 @@ ATTACK_ENTRIES: Mapping[str, AttackEntry] = {
         "ART AutoProjectedGradientDescent, targeted DLR loss, 100 iterations, initial step "
         "2 eps, 1 random start, per target: the min(9, K-1) most likely other classes, worst case",
         apgd_dlr_runner(100, 9),
-        "<= min(9, K-1) x (100 (F + f) + 4 f) + 1 f",
+        "<= min(9, K-1) x (100 (F + f) + 4 f)",
     ),
     "square": AttackEntry(
         "ART SquareAttack (black-box), 5000 queries, p_init 0.8, 1 restart, margin loss; "
@@ -815,12 +826,15 @@ def _classifier_type() -> type:
             self, x: np.ndarray, batch_size: int = 128, training_mode: bool = False, **kwargs: Any
         ) -> np.ndarray:
             memo = self.logit_memo
+            pin = bool(kwargs.pop("pin", False))
             if memo is None or training_mode or kwargs:
                 return super().predict(
                     x, batch_size=batch_size, training_mode=training_mode, **kwargs
                 )
             return memo.predict(
-                lambda rows: super(ArtplugClassifier, self).predict(rows, batch_size=batch_size), x
+                lambda rows: super(ArtplugClassifier, self).predict(rows, batch_size=batch_size),
+                x,
+                pin=pin,
             )
 
         def class_gradient(
@@ -984,7 +998,7 @@ def generate_adversarial(
     _check_inputs(x, y, threat)
     x_np, y_np = _to_numpy(x, y)
     with _session(model, x, threat, device, batch_size, seed) as ctx:
-        clean_correct = ctx.correct(x_np, y_np)
+        clean_correct = ctx.correct(x_np, y_np, pin=True)
         idx, x_sub, _ = _run_entry(ctx, name, x_np, y_np, clean_correct)
     x_adv = x.detach().clone()
     if x_sub is not None:
@@ -1030,7 +1044,7 @@ def evaluate_detailed(
             if on_attack is not None:
                 on_attack(name)
             if clean_correct is None:
-                clean_correct = ctx.correct(x_np, y_np)
+                clean_correct = ctx.correct(x_np, y_np, pin=True)
             _, _, masks[name] = _run_entry(ctx, name, x_np, y_np, clean_correct)
     masks["worst"] = np.logical_and.reduce(list(masks.values()))
     accuracy = {name: float(mask.mean()) for name, mask in masks.items()}

@@ -612,6 +612,14 @@ def test_logit_memo_answers_repeated_rows_only() -> None:
     memo.predict(compute, b[2:])  # the first generation falls out of the memo
     memo.predict(compute, a[1:2])  # seen in the first call only
     assert seen[-1] == 1 and memo.rows_predicted == 4 + 2 + 2 + 1
+    # Pinned rows (the clean inputs) outlive the rolling generations.
+    memo.predict(compute, a, pin=True)  # a[1] is remembered: 3 rows computed
+    for _ in range(3):
+        memo.predict(compute, b)  # b[2:] is remembered: 2 rows computed, then none
+    calls = len(seen)
+    np.testing.assert_array_equal(memo.predict(compute, a), compute(a))
+    assert len(seen) == calls + 1  # only the check above computed: a came from the pin
+    assert memo.rows_predicted == 9 + 3 + 2
 
 
 def test_l2_square_is_seeded_and_leaves_python_random_alone(
