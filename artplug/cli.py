@@ -4,11 +4,13 @@
 user error (:class:`~artplug.errors.ArtplugError` or a click usage error) prints one line that
 starts with ``Error:`` and exits with code 2; ``--traceback`` (or ``ARTPLUG_TRACEBACK=1``)
 shows the traceback instead. ``--help``, ``validate``, ``list``, ``plugins`` and ``schema`` do
-not import ART or MLflow.
+not import ART or MLflow. ``compare``, ``sweep`` and ``rerun`` work on the MLflow store through
+:mod:`artplug.lab`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +25,7 @@ import click
 
 from artplug.errors import ArtplugError, CheckpointError, PluginError
 from artplug.kinds import KINDS
+from artplug.lab import ERROR_TAG
 from artplug.plugins import PluginSet, load_plugins
 
 KIND_TITLES = {
@@ -311,6 +314,131 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
 
         click.echo(json.dumps(json_schema(_plugin_set(ctx).registries), indent=2))
 
+    @cli.command()
+    @click.argument("experiment", required=False, metavar="[EXPERIMENT_OR_SWEEP_ID]")
+    @click.option(
+        "--run",
+        "run_ids",
+        multiple=True,
+        metavar="ID",
+        help="Also show this MLflow run (repeat for several; alone, only these runs).",
+    )
+    @click.option(
+        "--parent",
+        metavar="ID",
+        default=None,
+        help="Show the runs of this sweep (its parent run id), with the grid as columns.",
+    )
+    @click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["table", "markdown", "csv"]),
+        default="table",
+        show_default=True,
+        help="Output format; csv writes fractions and seconds at full precision.",
+    )
+    @click.option(
+        "--chart",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Where to write the PNG of robust against clean accuracy "
+        "(default: compare-<experiment>.png in the current folder).",
+    )
+    @click.option("--no-chart", is_flag=True, help="Do not write the chart.")
+    @click.option(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default).",
+    )
+    def compare(
+        experiment: str | None,
+        run_ids: tuple[str, ...],
+        parent: str | None,
+        fmt: str,
+        chart: str | None,
+        no_chart: bool,
+        tracking_uri: str | None,
+    ) -> None:
+        """Compare tracked runs: one row per run, best robust accuracy first, and a chart.
+
+        EXPERIMENT is an MLflow experiment name (default: the one a plain `artplug run` uses,
+        'artplug'), or a sweep's parent run id to show its grid. Everything is read from the
+        tracking store (params, test/* metrics, time and cost metrics); nothing is re-evaluated.
+        """
+        _compare(experiment, list(run_ids), parent, fmt, chart, no_chart, tracking_uri)
+
+    @cli.command()
+    @click.argument("recipe", type=click.Path(dir_okay=False))
+    @click.option(
+        "--grid",
+        "grid_specs",
+        multiple=True,
+        metavar="KEY=V1,V2,...",
+        help="A recipe key and its values (TOML syntax, as --set); repeat for more keys. Commas "
+        'inside [..], {..} or quotes belong to the value: --grid \'eval.attacks=["clean"],'
+        '["clean","fgsm"]\'.',
+    )
+    @_set_option()
+    @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+    @click.option(
+        "--max-steps",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Stop every run after N steps (smoke test).",
+    )
+    @click.pass_context
+    def sweep(
+        ctx: click.Context,
+        recipe: str,
+        grid_specs: tuple[str, ...],
+        overrides: tuple[str, ...],
+        quiet: bool,
+        max_steps: int | None,
+    ) -> None:
+        """Run RECIPE once per combination of the --grid values, as nested MLflow runs.
+
+        A parent run holds one child run per combination (each a full `artplug run` with the
+        grid values applied like --set). Every combination is validated before any training.
+        Runs go one after the other; a failing run is recorded as FAILED and the sweep goes on;
+        Ctrl-C ends the parent run as KILLED and keeps what is done. The grid is compared at
+        the end (again any time with `artplug compare PARENT_RUN_ID`).
+        """
+        _sweep(ctx, recipe, list(grid_specs), list(overrides), quiet=quiet, max_steps=max_steps)
+
+    @cli.command()
+    @click.argument("run_id")
+    @_set_option()
+    @click.option(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="MLflow tracking URI of RUN_ID and of the new run (default: MLFLOW_TRACKING_URI, "
+        "else MLflow's; the new run follows the recipe's [tracking] uri when it names one).",
+    )
+    @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+    @click.option(
+        "--max-steps",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Stop after N steps (smoke test).",
+    )
+    @click.pass_context
+    def rerun(
+        ctx: click.Context,
+        run_id: str,
+        overrides: tuple[str, ...],
+        tracking_uri: str | None,
+        quiet: bool,
+        max_steps: int | None,
+    ) -> None:
+        """Run again from the resolved recipe logged with MLflow run RUN_ID, as a new run.
+
+        --set changes the recipe (e.g. run.seed=1 for another seed). The new run is tagged
+        artplug.rerun_of = RUN_ID and its description names the original and the changes.
+        """
+        _rerun(ctx, run_id, list(overrides), tracking_uri, quiet=quiet, max_steps=max_steps)
+
     plugin_set.pm.hook.register_commands(cli=cli)
     return cli
 
@@ -323,15 +451,25 @@ def _run(
     quiet: bool,
     max_steps: int | None,
     resume: tuple[Path, dict[str, Any]] | None = None,
-) -> None:
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    record_failure: bool = False,
+) -> str | None:
+    """Train, evaluate and track one resolved recipe; print the results; return the run id.
+
+    ``tracking_uri`` overrides the recipe's; ``parent_run_id`` and ``tags`` go to the new
+    MLflow run (``artplug sweep``, ``artplug rerun``). With ``record_failure`` a run that fails
+    before its tracking started (e.g. a dataset that cannot be found) still gets a FAILED
+    MLflow run, so that a sweep shows every combination it tried.
+    """
     # Heavy imports happen here, not at module level, so --help and validate stay light.
     from artplug import engine
     from artplug.display import Display
     from artplug.evaluate import format_table
-    from artplug.tracking import MlflowTracker, NullTracker, Tracker
+    from artplug.tracking import MlflowTracker, NullTracker, Tracker, flatten
 
     display = Display(enabled=not quiet)
-    components = engine.build(resolved)
     tracker: Tracker
     if no_track or resolved.tracking.backend == "none":
         tracker = NullTracker()
@@ -339,20 +477,25 @@ def _run(
         tracker = MlflowTracker(
             resolved.tracking.experiment,
             resolved.run.name,
-            tracking_uri=resolved.tracking.uri,
+            tracking_uri=tracking_uri or resolved.tracking.uri,
             resume_run_id=resume[1].get("tracking_run_id") if resume else None,
+            parent_run_id=parent_run_id,
+            tags=tags,
         )
-    run_dir = resume[0].parent if resume else engine.make_run_dir(resolved)
-    if resume:
-        display.line(f"resuming after epoch {resume[1]['epoch']} from {resume[0]}")
-    display.line(
-        f"artplug run '{resolved.run.name}': {resolved.summary()} on {resolved.data.dataset} "
-        f"({resolved.model.arch}), {resolved.threat.norm} eps={resolved.threat.eps:.4g}, "
-        f"{resolved.run.epochs} epochs, device {components.device}"
-    )
-    display.line(f"run folder: {run_dir}")
+    run_dir: Path | None = None
     status = "FAILED"
     try:
+        components = engine.build(resolved)
+        run_dir = resume[0].parent if resume else engine.make_run_dir(resolved)
+        if resume:
+            display.line(f"resuming after epoch {resume[1]['epoch']} from {resume[0]}")
+        display.line(
+            f"artplug run '{resolved.run.name}': {resolved.summary()} on "
+            f"{resolved.data.dataset} ({resolved.model.arch}), {resolved.threat.norm} "
+            f"eps={resolved.threat.eps:.4g}, {resolved.run.epochs} epochs, "
+            f"device {components.device}"
+        )
+        display.line(f"run folder: {run_dir}")
         engine.start_tracking(components, tracker, plugin_set.versions())
         result = engine.fit(
             components,
@@ -366,8 +509,17 @@ def _run(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as exc:
+        if record_failure and tracker.run_id is None:
+            # Failed before engine.start_tracking: open the run now so the failure is on record.
+            with contextlib.suppress(ArtplugError):
+                tracker.start()
+                tracker.log_params(flatten(resolved.to_dict()))
+        if tracker.run_id is not None:
+            tracker.set_tags({ERROR_TAG: _one_line(exc)})
+        raise
     finally:
-        if status != "FINISHED":
+        if status != "FINISHED" and run_dir is not None:
             # Keep what the run produced: the last epoch's checkpoint and the metrics so far.
             for name in (engine.CHECKPOINT_NAME, "metrics.jsonl", "recipe.resolved.toml"):
                 path = run_dir / name
@@ -386,6 +538,15 @@ def _run(
     _echo_report(result.report, result.sanity)
     click.echo(f"wall time {result.wall_time_s:.1f}s; files in {result.run_dir}")
     click.echo(tracker.describe())
+    return tracker.run_id
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as the one line the CLI would print for it (without ``Error:``)."""
+    if isinstance(exc, ArtplugError):
+        return exc.one_line()
+    text = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {text}"[:1000]
 
 
 def _echo_report(report: dict[str, Any], sanity: Any) -> None:
@@ -627,6 +788,255 @@ def _evaluate_payload(
     else:
         reason = "--no-track" if options.no_track else "the checkpoint has no MLflow run"
         click.echo(f"not logged to MLflow ({reason})")
+
+
+# ------------------------------------------------------------------------------------------
+# artplug compare / sweep / rerun (the logic is in artplug.lab)
+
+
+def _compare(
+    experiment: str | None,
+    run_ids: list[str],
+    parent: str | None,
+    fmt: str,
+    chart: str | None,
+    no_chart: bool,
+    tracking_uri: str | None,
+) -> None:
+    """The body of ``artplug compare``."""
+    from artplug import lab
+
+    client, uri = lab.open_store(tracking_uri)
+    comparison = lab.collect(client, uri, experiment=experiment, run_ids=run_ids, parent=parent)
+    # CSV goes to stdout alone, so that it can be piped; the notes then go to stderr.
+    notes_to_stderr = fmt == "csv"
+    for line in lab.describe(comparison):
+        click.echo(line, err=notes_to_stderr)
+    click.echo(lab.render(comparison, fmt))  # type: ignore[arg-type]
+    if no_chart:
+        return
+    path = lab.plot_chart(comparison, chart or f"compare-{comparison.slug}.png")
+    if path is None:
+        click.echo("no chart: no run has both a clean and a robust accuracy", err=notes_to_stderr)
+    else:
+        click.echo(f"chart: {path}", err=notes_to_stderr)
+
+
+def _resolve_sweep(
+    plugin_set: PluginSet, recipe: str, grid: Mapping[str, list[str]], overrides: Sequence[str]
+) -> list[tuple[dict[str, str], Any]]:
+    """Every combination with its resolved recipe; all problems of all combinations at once."""
+    from artplug import lab
+    from artplug.errors import RecipeError
+    from artplug.recipe import load_recipe
+
+    combos = lab.combinations(grid)
+    resolved: list[tuple[dict[str, str], Any]] = []
+    failures: list[tuple[str, list[str]]] = []
+    for values in combos:
+        label = lab.combination_label(values)
+        try:
+            recipe_of = load_recipe(
+                recipe,
+                plugin_set.registries,
+                [*overrides, *lab.combination_overrides(values)],
+                failure_hint=plugin_set.failure_hint(),
+            )
+        except RecipeError as exc:
+            failures.append((label, exc.problems))
+            continue
+        resolved.append((values, recipe_of))
+    if failures:
+        # A problem every combination has (a misspelt key) is said once, without a label.
+        shared = []
+        if len(failures) == len(combos):
+            shared = [p for p in failures[0][1] if all(p in own for _, own in failures)]
+        problems = list(shared)
+        for label, own in failures:
+            problems += [f"[{label}] {p}" for p in own if p not in shared]
+        raise RecipeError(recipe, problems)
+    first = resolved[0][1]
+    if first.tracking.backend == "none":
+        raise ArtplugError(
+            f"{recipe}: a sweep records its runs in MLflow, but tracking.backend is 'none'; "
+            "use --set tracking.backend=mlflow"
+        )
+    return resolved
+
+
+def _sweep(
+    ctx: click.Context,
+    recipe: str,
+    grid_specs: list[str],
+    overrides: list[str],
+    *,
+    quiet: bool,
+    max_steps: int | None,
+) -> None:
+    """The body of ``artplug sweep``: validate every combination, then a parent and children."""
+    import tempfile
+
+    from artplug import lab
+    from artplug.tracking import MlflowTracker
+
+    plugin_set = _plugin_set(ctx)
+    grid = lab.parse_grid(grid_specs)
+    combos = _resolve_sweep(plugin_set, recipe, grid, overrides)
+    base = combos[0][1]
+    size = len(combos)
+    names_vary = "run.name" in grid
+    parent = MlflowTracker(
+        base.tracking.experiment,
+        f"{base.run.name} sweep",
+        tracking_uri=base.tracking.uri,
+        tags={
+            lab.SWEEP_GRID_TAG: json.dumps(grid),
+            lab.SWEEP_SIZE_TAG: str(size),
+            "artplug.recipe": recipe,
+            lab.NOTE_TAG: f"Sweep of {recipe} over {', '.join(grid)} ({size} runs)"
+            + (f"; --set {' '.join(overrides)}" if overrides else ""),
+        },
+    )
+    parent.start()
+    assert parent.run_id is not None
+    parent.log_artifact(recipe, artifact_path="sweep")
+    click.echo(f"sweep of {size} runs over {', '.join(grid)}; parent {parent.describe()}")
+    outcomes: list[dict[str, Any]] = []
+    status = "FAILED"
+    try:
+        for index, (values, _) in enumerate(combos, start=1):
+            label = lab.combination_label(values)
+            click.echo(f"\n[{index}/{size}] {label}")
+            extra = [] if names_vary else [f"run.name={json.dumps(f'{base.run.name} {label}')}"]
+            # Re-resolved with the child's own name (validated above without it).
+            child = _load(ctx, recipe, [*overrides, *lab.combination_overrides(values), *extra])
+            outcome: dict[str, Any] = {"values": values, "run_id": None, "status": "FAILED"}
+            outcomes.append(outcome)
+            tags = {
+                lab.SWEEP_VALUES_TAG: json.dumps(values),
+                lab.SWEEP_INDEX_TAG: f"{index}/{size}",
+            }
+            try:
+                outcome["run_id"] = _run(
+                    plugin_set,
+                    child,
+                    no_track=False,
+                    quiet=quiet,
+                    max_steps=max_steps,
+                    tracking_uri=parent.tracking_uri,
+                    parent_run_id=parent.run_id,
+                    tags=tags,
+                    record_failure=True,
+                )
+                outcome["status"] = "FINISHED"
+            except KeyboardInterrupt:
+                outcome["status"] = "KILLED"
+                raise
+            except Exception as exc:
+                # One combination failing (diverged, out of memory, a bug in a plugin) must not
+                # cost the others; its MLflow run is FAILED with the error as a tag.
+                outcome["error"] = _one_line(exc)
+                click.echo(f"run {index}/{size} ({label}) failed: {outcome['error']}", err=True)
+        failed = sum(o["status"] != "FINISHED" for o in outcomes)
+        status = "FAILED" if failed == size else "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        click.echo(
+            f"sweep interrupted at run {len(outcomes)} of {size}; the finished runs are kept",
+            err=True,
+        )
+        raise
+    finally:
+        with tempfile.TemporaryDirectory(prefix="artplug-sweep-") as scratch:
+            summary = Path(scratch) / "sweep.json"
+            summary.write_text(
+                json.dumps({"grid": grid, "size": size, "runs": outcomes}, indent=2) + "\n",
+                encoding="utf-8",
+            )
+            parent.log_artifact(summary, artifact_path="sweep")
+            done = sum(o["status"] == "FINISHED" for o in outcomes)
+            parent.log_metrics({"sweep/finished": done, "sweep/failed": len(outcomes) - done}, 0)
+            if status != "KILLED":
+                _log_sweep_comparison(parent, Path(scratch))
+        parent.end(status)  # type: ignore[arg-type]
+    comparison = _sweep_comparison(parent)
+    click.echo()
+    for line in lab.describe(comparison):
+        click.echo(line)
+    click.echo(lab.render(comparison, "table"))
+    click.echo(parent.describe())
+    if failed:
+        click.echo(f"{failed} of {size} runs failed", err=True)
+        # Exit status 1 (not 2: the sweep itself was valid), for scripts that chain sweeps.
+        raise SystemExit(1)
+
+
+def _sweep_comparison(parent: Any) -> Any:
+    from artplug import lab
+
+    client, uri = lab.open_store(parent.tracking_uri)
+    return lab.collect(client, uri, parent=parent.run_id)
+
+
+def _log_sweep_comparison(parent: Any, folder: Path) -> None:
+    """The grid's comparison as artifacts of the parent run (compare.md, compare.png)."""
+    from artplug import lab
+
+    try:
+        comparison = _sweep_comparison(parent)
+    except ArtplugError:
+        return  # no child run reached the store: nothing to compare
+    table = folder / "compare.md"
+    table.write_text(
+        "\n\n".join([*lab.describe(comparison), lab.render(comparison, "markdown")]) + "\n",
+        encoding="utf-8",
+    )
+    parent.log_artifact(table, artifact_path="sweep")
+    chart = lab.plot_chart(comparison, folder / "compare.png")
+    if chart is not None:
+        parent.log_artifact(chart, artifact_path="sweep")
+
+
+def _rerun(
+    ctx: click.Context,
+    run_id: str,
+    overrides: list[str],
+    tracking_uri: str | None,
+    *,
+    quiet: bool,
+    max_steps: int | None,
+) -> None:
+    """The body of ``artplug rerun``."""
+    from artplug import lab
+    from artplug.recipe import resolve
+
+    raw, original = lab.fetch_logged_recipe(run_id, tracking_uri)
+    plugin_set = _plugin_set(ctx)
+    resolved = resolve(
+        raw,
+        plugin_set.registries,
+        source=f"MLflow run {run_id} ({lab.RECIPE_ARTIFACT})",
+        overrides=overrides,
+        failure_hint=plugin_set.failure_hint(),
+    )
+    changes = f"with --set {' '.join(overrides)}" if overrides else "unchanged"
+    note = (
+        f"Re-run of MLflow run {run_id} ('{original.info.run_name}') from its logged "
+        f"{lab.RECIPE_ARTIFACT}, {changes}."
+    )
+    _run(
+        plugin_set,
+        resolved,
+        no_track=False,
+        quiet=quiet,
+        max_steps=max_steps,
+        tracking_uri=tracking_uri,
+        tags={
+            lab.RERUN_TAG: run_id,
+            lab.RERUN_OVERRIDES_TAG: json.dumps(overrides),
+            lab.NOTE_TAG: note,
+        },
+    )
 
 
 def _wants_traceback(argv: Sequence[str]) -> bool:

@@ -19,11 +19,14 @@ running sums are device tensors read only at the logging cadence.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import math
 import random
 import re
 import shutil
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
@@ -181,9 +184,20 @@ def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Comp
     )
 
 
+NO_WEIGHT_DECAY = "artplug_no_weight_decay"
+"""Attribute a transform sets to ``True`` on a parameter that ``[optim] weight_decay`` must skip."""
+
+
 def _build_optimizer(recipe: ResolvedRecipe, model: nn.Module) -> torch.optim.Optimizer:
     optim = recipe.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    # Parameters flagged by a transform (e.g. SmoothReLU's b) get no weight decay: decay would
+    # pull such a shape parameter towards a different function, not towards small weights.
+    exempt = [p for p in trained if getattr(p, NO_WEIGHT_DECAY, False)]
+    decayed = [p for p in trained if not getattr(p, NO_WEIGHT_DECAY, False)]
+    params: list[dict[str, Any]] = [{"params": decayed}]
+    if exempt:
+        params.append({"params": exempt, "weight_decay": 0.0})
     if optim.name == "sgd":
         return torch.optim.SGD(
             params,
@@ -265,7 +279,8 @@ class RunResult:
 
     ``checkpoint`` is the last epoch's checkpoint (what ``resume`` continues from);
     ``used_checkpoint`` and ``used_epoch`` name the one the final evaluation ran on. ``report``
-    is the content of ``eval.json``; ``sanity`` the gate's results (``None`` when it did not run).
+    is the content of ``eval.json``; ``sanity`` the gate's results (``None`` when it did not run);
+    ``cost`` the training cost (``eval.json``'s ``cost`` entry, see :class:`CostLedger`).
     """
 
     run_dir: Path
@@ -278,6 +293,7 @@ class RunResult:
     used_epoch: int = 0
     report: dict[str, Any] = field(default_factory=dict)
     sanity: list[CheckResult] | None = None
+    cost: dict[str, Any] = field(default_factory=dict)
 
 
 def make_run_dir(recipe: ResolvedRecipe) -> Path:
@@ -518,6 +534,165 @@ def evaluate_test(c: Components, display: Display | None = None) -> dict[str, fl
     return _evaluate(c, "test", settings.final_attacks, settings.test_examples, display)
 
 
+# ------------------------------------------------------------------------------------------
+# Cost accounting
+
+
+class PassCounter:
+    """Counts the network passes of training steps, in example rows, from outside the step.
+
+    A forward hook on the top-level model adds each forward's batch size to ``forward_rows``,
+    and to ``attack_rows`` too when the forward runs inside ``Perturbation.generate`` (phase
+    ``"attack"``). When the output requires grad, a tensor hook on it adds the same rows to
+    ``backward_rows`` each time a gradient flows back through it: the weight update's
+    ``loss.backward()`` and an attack's ``torch.autograd.grad`` alike, while a forward whose
+    output no loss uses (or that ran under ``no_grad``) costs no backward. Forwards in phase
+    ``"eval"`` (validation, evaluation, anything outside the training step) are not counted.
+    ``examples`` is the number of training rows the step loop drew (``train_epoch`` adds them),
+    once per minibatch however many FreeAT replays reuse it.
+
+    Only the top-level model's passes count: a plugin that calls a submodule directly (part
+    of the network) adds nothing. Nothing here reads a device tensor, so counting costs no
+    host sync.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every count."""
+        self.examples = 0
+        self.forward_rows = 0
+        self.backward_rows = 0
+        self.attack_rows = 0
+
+    @contextlib.contextmanager
+    def watching(self, model: nn.Module) -> Iterator[None]:
+        """Count ``model``'s passes inside the ``with`` block (the hook is removed after)."""
+        handle = model.register_forward_hook(self._on_forward)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _on_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        current = phase.current_phase()
+        if current == "eval" or not isinstance(output, Tensor) or output.dim() == 0:
+            return
+        rows = int(output.shape[0])
+        self.forward_rows += rows
+        if current == "attack":
+            self.attack_rows += rows
+        if output.requires_grad:
+            # A tensor hook, not a module backward hook: module full-backward hooks wrap the
+            # module's inputs and outputs and break in-place ops and torch.func transforms.
+            output.register_hook(functools.partial(self._on_backward, rows))
+
+    def _on_backward(self, rows: int, grad: Tensor) -> None:
+        self.backward_rows += rows
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on a CUDA ``device`` (process RSS has no reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory in MiB: CUDA memory allocated by tensors on a CUDA ``device`` since the last
+    :func:`reset_peak_memory`, else the whole process's maximum resident set size since it
+    started (it never goes down); ``None`` where neither can be read (no ``resource`` module).
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+PEAK_MEMORY_SOURCES = {
+    "cuda": "torch.cuda.max_memory_allocated, reset every epoch",
+    "other": "process max resident set size (resource.getrusage), process-wide, since start",
+}
+
+
+class CostLedger:
+    """The training cost of a run, epoch by epoch: metrics, run totals and ``eval.json``'s entry.
+
+    Per epoch (:meth:`record_epoch`, logged at the epoch's last step):
+
+    - ``cost/forward_per_example``, ``cost/backward_per_example``: full-network forward and
+      backward passes (:class:`PassCounter` rows) divided by the epoch's training examples.
+      PGD-k with cross-entropy on the adversarial batch costs ``k + 1`` of each;
+    - ``cost/attack_steps``: forward passes inside the attack per minibatch, averaged over the
+      epoch (attack rows / training examples; ``k`` for PGD-k, 0 without an attack);
+    - ``cost/examples_per_s``, ``cost/epoch_s``: training throughput and time (the steps only;
+      validation and checkpoints are not included);
+    - ``cost/peak_memory_mb``: see :func:`peak_memory_mb` (omitted where it cannot be read).
+
+    Run totals (:meth:`totals`): ``cost/total_forward_per_example`` and
+    ``cost/total_backward_per_example`` (sums of the per-epoch values: the passes one training
+    example went through over the whole run, on average) and ``cost/train_s`` (sum of
+    ``cost/epoch_s``). The ledger travels in checkpoints, so a resumed run keeps its totals.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.epochs: list[dict[str, float]] = []
+
+    def record_epoch(
+        self, epoch: int, counter: PassCounter, seconds: float, peak_mb: float | None
+    ) -> dict[str, float]:
+        """Store epoch ``epoch`` (1-based) and return its ``cost/*`` metrics."""
+        examples = counter.examples
+        per_example = 1.0 / examples if examples else 0.0
+        entry = {
+            "epoch": float(epoch),
+            "examples": float(examples),
+            "forward_per_example": counter.forward_rows * per_example,
+            "backward_per_example": counter.backward_rows * per_example,
+            "attack_steps": counter.attack_rows * per_example,
+            "examples_per_s": examples / seconds if seconds > 0 else 0.0,
+            "epoch_s": seconds,
+        }
+        if peak_mb is not None:
+            entry["peak_memory_mb"] = peak_mb
+        # A resumed run re-trains the epoch after its last checkpoint: the new record wins.
+        self.epochs = [e for e in self.epochs if e["epoch"] < epoch] + [entry]
+        return {f"cost/{k}": v for k, v in entry.items() if k not in ("epoch", "examples")}
+
+    def totals(self) -> dict[str, float]:
+        """The run totals as metrics (see the class docstring)."""
+        return {
+            "cost/total_forward_per_example": sum(e["forward_per_example"] for e in self.epochs),
+            "cost/total_backward_per_example": sum(e["backward_per_example"] for e in self.epochs),
+            "cost/train_s": sum(e["epoch_s"] for e in self.epochs),
+        }
+
+    def report(self) -> dict[str, Any]:
+        """The ``cost`` entry of ``eval.json``: totals, peak memory and every epoch's record."""
+        peaks = [e["peak_memory_mb"] for e in self.epochs if "peak_memory_mb" in e]
+        source = "cuda" if self.device.type == "cuda" else "other"
+        return {
+            **{k.removeprefix("cost/"): v for k, v in self.totals().items()},
+            "peak_memory_mb": max(peaks) if peaks else None,
+            "peak_memory_source": PEAK_MEMORY_SOURCES[source],
+            "epochs": [dict(e) for e in self.epochs],
+        }
+
+    def state_dict(self) -> list[dict[str, float]]:
+        """Plain data for checkpoints."""
+        return [dict(e) for e in self.epochs]
+
+    def load_state_dict(self, state: list[dict[str, float]] | None) -> None:
+        """Undo :meth:`state_dict` (``None``: a checkpoint from before cost accounting)."""
+        self.epochs = [dict(e) for e in state or []]
+
+
 class _EpochWindows:
     """Averages the logging windows of one epoch into ``epoch/train_*`` metrics."""
 
@@ -550,11 +725,15 @@ def train_epoch(
     meter: _Meter | None = None,
     on_window: Callable[[dict[str, float], int], None] | None = None,
     max_steps: int | None = None,
+    counter: PassCounter | None = None,
 ) -> int:
     """Run the optimizer steps of one epoch, starting at global step ``step``; return the next.
 
     With a ``meter``, every ``run.log_every`` steps (and at the epoch's end) the running sums
-    are read in one host sync and handed to ``on_window(metrics, step)``.
+    are read in one host sync and handed to ``on_window(metrics, step)``, together with the
+    learning rate (``train/lr``) and the knobs the schedules set for that step (``knob/*``).
+    With a ``counter``, the training examples drawn are added to ``counter.examples`` (the
+    caller attaches it to the model with :meth:`PassCounter.watching`).
     """
     steps_per_epoch = len(c.train_loader)
     total_steps = steps_per_epoch * c.recipe.run.epochs
@@ -562,6 +741,8 @@ def train_epoch(
     if meter is not None:
         meter.reset()
     for x, y in _batches(c, epoch):
+        if counter is not None:
+            counter.examples += x.shape[0]
         knobs = train_step(c, x, y, Progress(epoch, step, steps_per_epoch, total_steps), meter)
         step += 1
         if meter is not None and (step % log_every == 0 or step % steps_per_epoch == 0):
@@ -708,6 +889,12 @@ def fit(
     crash or Ctrl-C. After training the final evaluation runs on the checkpoint that
     ``eval.select`` picks (the catastrophic-overfitting stop, when it triggers, overrides it),
     then the sanity gate (``eval.sanity``) and the eps curve (``eval.eps_curve``).
+
+    Every epoch also logs its training cost (``cost/*``, :class:`CostLedger`; the run totals
+    are logged with the test metrics and written to ``eval.json``). When training ends (or
+    fails) the training curves and schedules are drawn into ``plots/`` (:mod:`artplug.plots`)
+    and logged; after the evaluation the model itself is logged with MLflow's PyTorch flavour
+    when ``tracking.log_model`` is on and the tracker tracks (:func:`log_trained_model`).
     """
     tracker = tracker if tracker is not None else NullTracker()
     display = display if display is not None else Display(enabled=False)
@@ -728,6 +915,10 @@ def fit(
         start_epoch, step = restore(c, resume_from, "checkpoint")
         policy.load_state_dict(resume_from.get("selection"))
     meter = _Meter(c.device, [slot.id for slot in c.losses])
+    counter = PassCounter()
+    ledger = CostLedger(c.device)
+    if resume_from is not None:
+        ledger.load_state_dict(resume_from.get("cost"))
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     epochs_done = start_epoch
@@ -757,18 +948,34 @@ def fit(
     used_epoch = 0
     overfit_event: str | None = None
     early_stop: str | None = None
+    plots_drawn = False
 
     try:
         for epoch in range(start_epoch, recipe.run.epochs):
-            epoch_started = time.perf_counter()
             windows.start(epoch)
-            step = train_epoch(
-                c, epoch, step, meter=meter, on_window=on_window, max_steps=max_steps
-            )
+            counter.reset()
+            reset_peak_memory(c.device)
+            epoch_started = time.perf_counter()
+            with counter.watching(c.model):
+                step = train_epoch(
+                    c,
+                    epoch,
+                    step,
+                    meter=meter,
+                    on_window=on_window,
+                    max_steps=max_steps,
+                    counter=counter,
+                )
+            if c.device.type == "cuda":
+                # The step never syncs; kernels still queued belong to this epoch's time.
+                torch.cuda.synchronize(c.device)
             epoch_time = time.perf_counter() - epoch_started
             summary = windows.summary()
             summary["time/epoch_s"] = epoch_time
             summary["epoch"] = float(epoch + 1)
+            summary.update(
+                ledger.record_epoch(epoch + 1, counter, epoch_time, peak_memory_mb(c.device))
+            )
             finished = max_steps is not None and step >= max_steps
             last_epoch = epoch + 1 == recipe.run.epochs or finished
             every = settings.every_epochs
@@ -789,6 +996,7 @@ def fit(
             epochs_done = epoch + 1
             payload = _checkpoint_payload(c, epochs_done, step, tracker.run_id)
             payload["selection"] = policy.state_dict()
+            payload["cost"] = ledger.state_dict()
             ckpt.save_atomic(payload, checkpoint_path)
             if improved:
                 ckpt.save_atomic(payload, best_path)
@@ -825,6 +1033,9 @@ def fit(
             if finished:
                 break
 
+        # Drawn before the final evaluation, so that a failure there still leaves them.
+        plots_drawn = True
+        write_plots(run_dir, recipe.run.name, tracker, display)
         used_checkpoint, used_epoch, reason = _choose_checkpoint(
             c, policy, best_path, used_checkpoint, used_epoch, epochs_done
         )
@@ -854,10 +1065,16 @@ def fit(
             ),
             "early_stop": early_stop,
             "catastrophic_overfitting": overfit_event,
+            "cost": ledger.report(),
         }
         eval_path = run_dir / "eval.json"
         _write_json(eval_path, results)
-        log({f"test/{k}_acc": v for k, v in final.items()} | {"time/wall_s": wall}, step)
+        log(
+            {f"test/{k}_acc": v for k, v in final.items()}
+            | {"time/wall_s": wall}
+            | ledger.totals(),
+            step,
+        )
         tracker.set_tags(
             {
                 "artplug.checkpoint.used": used_checkpoint,
@@ -870,6 +1087,9 @@ def fit(
             _write_json(eval_path, results)
         if settings.eps_curve:
             results["eps_curve"] = run_eps_curve(c, run_dir, tracker, display, log, step)
+            _write_json(eval_path, results)
+        if recipe.tracking.log_model and tracker.run_id is not None:
+            results["mlflow_model"] = log_trained_model(c, tracker, display)
             _write_json(eval_path, results)
         tracker.log_artifact(eval_path)
         tracker.log_artifact(checkpoint_path, artifact_path="checkpoints")
@@ -889,9 +1109,71 @@ def fit(
             used_epoch=used_epoch,
             report=results,
             sanity=sanity,
+            cost=results["cost"],
         )
+    except BaseException:
+        if not plots_drawn:
+            # The curves of a failed or interrupted run are what explains it.
+            write_plots(run_dir, recipe.run.name, tracker, display)
+        raise
     finally:
         metrics_log.close()
+
+
+def write_plots(run_dir: Path, name: str, tracker: Tracker, display: Display) -> list[Path]:
+    """Draw the run's plots from its ``metrics.jsonl`` into ``plots/``, then log that folder.
+
+    The PNGs land in the run folder first, so they exist even when tracking is off or broken.
+    Plotting is a convenience: any failure is reported (stderr, a WARNING line) and the run
+    goes on.
+    """
+    from artplug import plots
+
+    try:
+        drawn = plots.plot_run(
+            plots.read_metrics(run_dir / plots.METRICS_FILE), run_dir / plots.PLOTS_DIR, name=name
+        )
+    except ImportError as exc:
+        display.line(f"WARNING: no plots: matplotlib is needed for them ({exc})")
+        return []
+    except Exception as exc:
+        traceback.print_exc()
+        display.line(f"WARNING: the run's plots could not be drawn ({type(exc).__name__}: {exc})")
+        return []
+    if drawn:
+        tracker.log_artifact(run_dir / plots.PLOTS_DIR, artifact_path=plots.PLOTS_DIR)
+    return drawn
+
+
+# Rows of the test split that go with a logged model to infer its input/output signature.
+MODEL_SAMPLE_ROWS = 8
+
+
+def exportable_model(model: nn.Module) -> nn.Module:
+    """A CPU copy of ``model`` in eval mode and the default memory format, ready to pickle."""
+    exported = copy.deepcopy(model).to("cpu")
+    return exported.to(memory_format=torch.contiguous_format).eval()
+
+
+def log_trained_model(c: Components, tracker: Tracker, display: Display) -> str | None:
+    """Log ``c.model`` (as it is now) with the tracker's :meth:`~Tracker.log_model`.
+
+    The logged module is a CPU copy in eval mode: what ``mlflow.pytorch.load_model`` gives back
+    is a classifier that takes float32 NCHW batches in [0, 1] (normalisation is inside the
+    model) and returns logits. Its signature comes from the first test images. The classes of
+    its modules must be importable where it is loaded (artplug, and ``artplug_plugins`` or the
+    third-party plugin packages whose transforms changed the network).
+    """
+    # A tracker written before log_model joined the protocol simply logs no model.
+    log_model = getattr(tracker, "log_model", None)
+    if log_model is None:
+        return None
+    model = exportable_model(c.model)
+    sample = c.data.test[0][:MODEL_SAMPLE_ROWS].detach().to("cpu", torch.float32).contiguous()
+    uri: str | None = log_model(model, sample, requirements=[f"artplug=={artplug.__version__}"])
+    if uri is not None:
+        display.line(f"model logged to MLflow: mlflow.pytorch.load_model({uri!r})")
+    return uri
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -207,6 +207,11 @@ class TrackingSection(_Section):
     backend: Literal["mlflow", "none"] = "mlflow"
     experiment: str = "artplug"
     uri: str | None = Field(None, description="None = MLFLOW_TRACKING_URI or MLflow's default")
+    log_model: bool = Field(
+        True,
+        description="log the trained model with MLflow's PyTorch flavour as the run's model "
+        "'model' (mlflow.pytorch.load_model('runs:/<run id>/model'))",
+    )
 
 
 SECTIONS: dict[str, type[_Section]] = {

@@ -12,6 +12,7 @@ engine keeps everything in its local run folder anyway.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import math
@@ -21,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
@@ -29,6 +30,7 @@ from artplug.errors import ArtplugError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from torch import Tensor, nn
 
 Status = Literal["FINISHED", "FAILED", "KILLED"]
 
@@ -38,6 +40,9 @@ MAX_TAG_VALUE_LENGTH = 8000
 MAX_KEY_LENGTH = 250
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
+
+# The name of the run's logged model: load it with mlflow.pytorch.load_model("runs:/<id>/model").
+MODEL_NAME = "model"
 
 # How long the start-up reachability probe of an http(s) tracking server may take. Without it a
 # typo'd server address only fails after MLflow's HTTP retries with back-off (minutes).
@@ -80,6 +85,17 @@ class Tracker(Protocol):
         """Copy a local file or folder into the run's artifacts, under ``artifact_path``."""
         ...
 
+    def log_model(
+        self, model: nn.Module, sample: Tensor, *, requirements: Sequence[str] = ()
+    ) -> str | None:
+        """Log the trained classifier as the run's model; its ``runs:/`` URI, or None if not.
+
+        ``model`` is a CPU module in eval mode and ``sample`` a CPU float32 input batch (for the
+        signature); ``requirements`` are extra pip requirements of the model's code. Never
+        raises: a model that cannot be logged is reported and the run goes on.
+        """
+        ...
+
     def end(self, status: Status = "FINISHED") -> None:
         """Close the run with ``status``; calling it again does nothing."""
         ...
@@ -109,6 +125,12 @@ class NullTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Do nothing."""
 
+    def log_model(
+        self, model: nn.Module, sample: Tensor, *, requirements: Sequence[str] = ()
+    ) -> str | None:
+        """Log nothing; return None."""
+        return None
+
     def end(self, status: Status = "FINISHED") -> None:
         """Do nothing."""
 
@@ -127,6 +149,9 @@ class MlflowTracker:
     (MLflow 3: ``sqlite:///mlflow.db`` in the working directory, so ``mlflow ui`` started in
     that folder shows the runs). ``artifact_location`` is used only when the experiment is
     created here; MLflow's default is ``./mlruns/<experiment id>`` next to a local store.
+    ``parent_run_id`` makes the new run a nested child of that run (MLflow's
+    ``mlflow.parentRunId`` tag: the UI shows it under its parent, as ``artplug sweep`` does);
+    ``tags`` are set when the run is created (not on a resumed run).
     """
 
     def __init__(
@@ -138,8 +163,12 @@ class MlflowTracker:
         artifact_location: str | None = None,
         resume_run_id: str | None = None,
         keep_status: bool = False,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
         self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self.initial_tags = dict(tags or {})
         self.resume_run_id = resume_run_id
         # With keep_status (evaluating a finished run later), the run's status is left as found.
         self.keep_status = keep_status
@@ -181,6 +210,9 @@ class MlflowTracker:
                 experiment_id = self._experiment_id(client)
                 user = _user()
                 tags = {"mlflow.user": user} if user else {}
+                tags.update(self.initial_tags)
+                if self.parent_run_id is not None:
+                    tags["mlflow.parentRunId"] = self.parent_run_id
                 run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
         except ArtplugError:
             raise
@@ -298,6 +330,80 @@ class MlflowTracker:
             self._call("log artifacts", "log_artifacts", str(local), artifact_path)
         else:
             self._call("log an artifact", "log_artifact", str(local), artifact_path)
+
+    def log_model(
+        self, model: nn.Module, sample: Tensor, *, requirements: Sequence[str] = ()
+    ) -> str | None:
+        """Log ``model`` with MLflow's PyTorch flavour as the run's model :data:`MODEL_NAME`.
+
+        The module is pickled (cloudpickle, ``serialization_format="pickle"``), so loading it
+        needs the classes of its modules importable (artplug and the plugins that built it);
+        the signature is inferred from ``sample`` (a float32 NCHW batch) and the model's output
+        on it. Returns ``runs:/<run id>/model``, or None when tracking has stopped or logging
+        failed; a failure is reported on stderr and the run goes on (its ``checkpoints/``
+        artifacts still hold the weights).
+        """
+        if self._client is None or self.run_id is None:
+            raise RuntimeError("MlflowTracker: call start() before logging")
+        if self._broken is not None:
+            return None
+        try:
+            self._log_pytorch_model(model, sample, requirements)
+        except Exception as exc:
+            # Deliberately broad: an unpicklable module, an old MLflow, a store that refuses the
+            # files... the record of the run matters more than its model artifact.
+            print(
+                f"artplug: warning: the trained model was not logged to MLflow ({_short(exc)}); "
+                "the run's checkpoints/ artifacts still hold its weights",
+                file=sys.stderr,
+            )
+            return None
+        return f"runs:/{self.run_id}/{MODEL_NAME}"
+
+    def _log_pytorch_model(
+        self, model: nn.Module, sample: Tensor, requirements: Sequence[str]
+    ) -> None:
+        import logging
+
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        assert self._client is not None and self.tracking_uri is not None
+        if not hasattr(self._client, "create_logged_model"):
+            raise ArtplugError(f"logging the model needs MLflow 3 (found {mlflow.__version__})")
+        with torch.no_grad():
+            outputs = model(sample)
+        signature = infer_signature(sample.numpy(), outputs.numpy())
+        # The fluent log_model would file the model under the default experiment when no run is
+        # active (this tracker never activates one); creating the LoggedModel here, in the run's
+        # experiment and linked to the run, keeps "runs:/<id>/model" resolvable.
+        logged = self._client.create_logged_model(
+            str(self.experiment_id), name=MODEL_NAME, source_run_id=self.run_id
+        )
+        # log_model resolves its client from the global tracking URI: point it at this store for
+        # the call only. Its warning about pickled models is what docs/tracking.md explains.
+        pytorch_logger = logging.getLogger("mlflow.pytorch")
+        level = pytorch_logger.level
+        pytorch_logger.setLevel(logging.ERROR)
+        try:
+            with _global_tracking_uri(self.tracking_uri):
+                mlflow.pytorch.log_model(
+                    model,
+                    name=MODEL_NAME,
+                    signature=signature,
+                    run_id=self.run_id,
+                    model_id=logged.model_id,
+                    serialization_format="pickle",
+                    # Explicit requirements: inferring them loads the model in a subprocess.
+                    pip_requirements=[
+                        *mlflow.pytorch.get_default_pip_requirements(),
+                        *requirements,
+                    ],
+                )
+        finally:
+            pytorch_logger.setLevel(level)
 
     def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> None:
         """Call ``client.<method>(run_id, *args, **kwargs)`` without ever raising.
@@ -484,6 +590,30 @@ def provenance_tags(*, device: str, plugins: Mapping[str, str]) -> dict[str, str
         if status is not None:
             tags["git.dirty"] = "true" if status.strip() else "false"
     return tags
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's global (fluent) tracking URI at ``uri`` inside the block, then restore it.
+
+    Both places MLflow keeps it are restored exactly: its module-level URI and the
+    ``MLFLOW_TRACKING_URI`` variable, which ``mlflow.set_tracking_uri`` also writes (MLflow's
+    own ``_use_tracking_uri`` would unset a variable the user had set).
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri = utils._tracking_uri
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved_uri
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def _quiet_store_setup_logs() -> None:

@@ -34,6 +34,16 @@ ORDER = [
     "he_free",
     "fast_at",
     "he_fast",
+    "sat_silu",
+    "sat_gelu",
+    "sat_softplus",
+    "sat_smoothrelu",
+    "sat_backward_only",
+    "spat_like_pgd",
+    "spat_like_trades",
+    "spat_like_he",
+    "aalp_like",
+    "slat",
 ]
 
 
@@ -44,9 +54,11 @@ def main() -> None:
     parser.add_argument("--dir", default=str(ROOT / "recipes" / "digits"))
     args = parser.parse_args()
     folder = Path(args.dir)
-    wanted = [n for n in args.only.split(",") if n] or [
-        n for n in ORDER if (folder / f"{n}.toml").exists()
-    ]
+    present = {p.stem for p in folder.glob("*.toml")}
+    # The known twins in table order, then any other twin in the folder (alphabetically).
+    wanted = [n for n in args.only.split(",") if n] or [n for n in ORDER if n in present] + sorted(
+        present - set(ORDER)
+    )
     plugins = load_plugins(disabled=())
     print(
         f"digits twins: torch {torch.__version__}, {platform.processor() or platform.machine()}, "

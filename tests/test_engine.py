@@ -323,3 +323,18 @@ def test_overfit_check_stays_quiet_on_a_healthy_run(plugin_set, tmp_path, monkey
     }
     result = fit(build(resolve(raw, plugin_set.registries)), run_dir=tmp_path / "ok")
     assert result.epochs_done == 3
+
+
+def test_flagged_parameters_get_no_weight_decay(plugin_set):
+    raw = digits_recipe()
+    raw["optim"] = {"name": "sgd", "lr": 0.1, "weight_decay": 0.01}
+    raw["transform"] = [{"use": "smooth-activation", "activation": "smoothrelu"}]
+    components = build(resolve(raw, plugin_set.registries))
+    groups = components.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    exempt = {id(p) for p in groups[1]["params"]}
+    b_params = {id(m.b) for m in components.model.modules() if hasattr(m, "b")}
+    assert exempt == b_params and b_params
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(
+        [p for p in components.model.parameters() if p.requires_grad]
+    )
