@@ -16,6 +16,11 @@ random start with step 1.25·ε, as FastAT), the multi-step attack (PGD-10 with 
 each adversarial batch left clean). Every one of these is a parameter; do not claim the
 paper's numbers with these defaults until the paper has been read.
 
+Each adversarial stage can also delegate to another built-in perturbation (techniques.md §8,
+row MOAT): ``single_attack = "slat"`` runs SLAT (plugins/slat.py; a [READING] of the matrix's
+"SLAT as single-step stage") and ``multi_attack = "spat"`` runs the SPAT-like attack
+(plugins/spat.py), each with its own parameters in the ``slat`` / ``spat`` sub-table.
+
 This module registers the perturbation ``moat`` (one generator with three stages, chosen by its
 ``stage`` parameter) and the schedule ``moat-stages``, which sets the knob
 ``perturbation.stage`` from the fractional epoch.
@@ -30,12 +35,23 @@ from typing import Literal, Self
 
 import torch
 import torch.nn.functional as F
+
+# Sibling built-in modules, imported at module level so that the sub-tables are typed by their
+# own Params (validation, JSON schema and error messages come from slat and spat themselves).
+# This is no hard dependency on those *plugins*: ARTPLUG_DISABLE_PLUGINS blocks a plugin's
+# registration, not the import of its module, so moat loads whichever plugins are disabled. With
+# slat disabled, a recipe with single_attack = "slat" fails at its latent-sites transform
+# ("unknown transform"); with spat disabled, multi_attack = "spat" still works through moat.
+from artplug_plugins.slat import LatentSite, LatentSites, Slat, latent_sites
+from artplug_plugins.spat import SPAT
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
 import artplug
 
 StageName = Literal["clean", "single", "multi"]
+SingleAttack = Literal["fgsm-rs", "slat"]
+MultiAttack = Literal["pgd", "spat"]
 STAGE_CODES: dict[str, int] = {"clean": 0, "single": 1, "multi": 2}
 STAGE_KNOB = "perturbation.stage"
 
@@ -45,25 +61,46 @@ def _default_order() -> list[StageName]:
 
 
 class MOAT:
-    """MOAT's multi-stage generator (Wang et al. 2021, a reading): clean, FGSM-RS or PGD by stage.
+    """MOAT's multi-stage generator (Wang et al. 2021, a reading): clean, single or multi step.
 
     ``stage`` (read at every call, usually set by the ``moat-stages`` schedule):
 
     - 0: the clean batch, unchanged;
-    - 1: single step: FGSM from a uniform random point of the ball with step
-      ``single_step_size`` (None: 1.25·eps, FastAT's 10/255 at ε = 8/255);
-    - 2: multi step: ``multi_steps`` PGD steps of ``multi_step_size`` (None: eps/4, 2/255 at
-      ε = 8/255) from a uniform random start.
+    - 1: single step, by ``single_attack``:
 
-    Both attacks ascend the summed cross-entropy of ``attack_logit_scale · outputs`` with the
-    steepest-ascent step of the threat's norm and project onto the ball and [0, 1]. eps is the
-    step's training threat (``state.threat``); explicit step sizes are not scaled by an eps
-    warm-up, the defaults are.
+      - ``"fgsm-rs"`` (default): FGSM from a uniform random point of the ball with step
+        ``single_step_size`` (None: 1.25·eps, FastAT's 10/255 at ε = 8/255);
+      - ``"slat"``: the ``slat`` perturbation with the ``slat`` sub-table's parameters (input
+        sign step from the clean point plus latent sign steps stored into the sites of the
+        ``latent-sites`` transform, which the recipe must list);
+
+    - 2: multi step, by ``multi_attack``:
+
+      - ``"pgd"`` (default): ``multi_steps`` PGD steps of ``multi_step_size`` (None: eps/4,
+        2/255 at ε = 8/255) from a uniform random start;
+      - ``"spat"``: the SPAT-like attack with the ``spat`` sub-table's parameters (its defaults,
+        10 steps of 2.5·eps/10 = eps/4 from a uniform start, match the PGD stage's).
+
+    The built-in attacks ascend the summed cross-entropy of ``attack_logit_scale · outputs``
+    with the steepest-ascent step of the threat's norm and project onto the ball and [0, 1]. eps
+    is the step's training threat (``state.threat``); explicit step sizes are not scaled by an
+    eps warm-up, the defaults are. A delegated stage is exactly that perturbation's
+    ``generate`` on the same model, batch rows, state and random numbers.
 
     ``clean_fraction`` = r (our reading of "mixed benign examples"): in stages 1 and 2 the first
     ⌊r·B⌋ examples of each batch stay clean and only the rest are attacked (attacking fewer
     examples is also cheaper). The attack sees only the attacked rows, which matters for
-    BatchNorm only when ``[perturbation] model_mode = "train"``.
+    BatchNorm only when ``[perturbation] model_mode = "train"``. Under SLAT the clean rows also
+    get a zero latent step, so they pass the update forward entirely unperturbed.
+
+    Latent sites: SLAT's steps stay in the sites until they are cleared, and the sites add them
+    to every ``"update-adv"`` forward. ``generate`` therefore clears every site of the model at
+    each call, before anything else, so in stages 0 and 2 (and in stage 1 with FGSM-RS) the
+    update forward is never perturbed by the latent step of an earlier SLAT stage.
+
+    Readings: the stage meanings and defaults above (see the module docstring), the use of SLAT
+    as the single-step stage and of SPAT as the multi-step stage (techniques.md §8, row MOAT),
+    and the clean rows' zero latent step.
     """
 
     name = "moat"
@@ -77,15 +114,42 @@ class MOAT:
             2,
             ge=0,
             le=2,
-            description="0 = clean, 1 = single-step FGSM-RS, 2 = multi-step PGD "
-            "(the moat-stages schedule sets it)",
+            description="0 = clean, 1 = single step (single_attack), 2 = multi step "
+            "(multi_attack); the moat-stages schedule sets it",
+        )
+        single_attack: SingleAttack = Field(
+            "fgsm-rs",
+            description="stage-1 attack: 'fgsm-rs' (FGSM from a uniform random start) or "
+            "'slat' (the slat perturbation; needs the latent-sites transform)",
         )
         single_step_size: float | None = Field(
-            None, gt=0, description="stage-1 step in pixel units; None means 1.25 * eps"
+            None,
+            gt=0,
+            description="fgsm-rs step in pixel units; None means 1.25 * eps (with 'slat' the "
+            "step is slat.alpha * eps)",
         )
-        multi_steps: int = Field(10, ge=1, description="stage-2 PGD steps")
+        slat: Slat.Params | None = Field(
+            None,
+            description="parameters of the slat perturbation for single_attack = 'slat' "
+            "(a sub-table, e.g. slat = { alpha = 0.9 }); None means slat's defaults",
+        )
+        multi_attack: MultiAttack = Field(
+            "pgd",
+            description="stage-2 attack: 'pgd' (from a uniform random start) or 'spat' (the "
+            "SPAT-like attack; needs [perturbation] model_mode = 'eval')",
+        )
+        multi_steps: int = Field(
+            10, ge=1, description="pgd steps of stage 2 (with 'spat': spat.steps)"
+        )
         multi_step_size: float | None = Field(
-            None, gt=0, description="stage-2 step in pixel units; None means eps / 4"
+            None,
+            gt=0,
+            description="pgd step in pixel units; None means eps / 4 (with 'spat': spat.step_size)",
+        )
+        spat: SPAT.Params | None = Field(
+            None,
+            description="parameters of the spat perturbation for multi_attack = 'spat' "
+            "(a sub-table, e.g. spat = { steps = 5 }); None means spat's defaults",
         )
         clean_fraction: float = Field(
             0.0,
@@ -95,8 +159,44 @@ class MOAT:
             "(a reading of 'mixed benign examples')",
         )
 
+        @model_validator(mode="after")
+        def _sub_parameters_match_the_attacks(self) -> Self:
+            # A sub-table or step of an attack that does not run would be ignored without a
+            # word; say so instead. (multi_steps has a default and is always present in a
+            # resolved recipe, so it is documented as unused with spat rather than rejected.)
+            problems = []
+            if self.slat is not None and self.single_attack != "slat":
+                problems.append(
+                    f"the slat sub-table is used only with single_attack = 'slat', not "
+                    f"{self.single_attack!r}"
+                )
+            if self.single_step_size is not None and self.single_attack == "slat":
+                problems.append(
+                    "single_step_size is the fgsm-rs step; with single_attack = 'slat' the "
+                    "step is slat.alpha * eps (set slat = { alpha = ... })"
+                )
+            if self.spat is not None and self.multi_attack != "spat":
+                problems.append(
+                    f"the spat sub-table is used only with multi_attack = 'spat', not "
+                    f"{self.multi_attack!r}"
+                )
+            if self.multi_step_size is not None and self.multi_attack == "spat":
+                problems.append(
+                    "multi_step_size is the pgd step; with multi_attack = 'spat' set "
+                    "spat = { step_size = ... }"
+                )
+            if problems:
+                raise ValueError("; ".join(problems))
+            return self
+
     def __init__(self, params: Params) -> None:
         self.params = params
+        # The delegates are built once; generate() hands them the current sub-parameters at
+        # every call, since schedules may replace self.params between steps.
+        self._slat_defaults = Slat.Params()
+        self._spat_defaults = SPAT.Params()
+        self._slat = Slat(params.slat or self._slat_defaults)
+        self._spat = SPAT(params.spat or self._spat_defaults)
 
     def generate(self, model: nn.Module, x: Tensor, y: Tensor, state: artplug.StepState) -> Tensor:
         """Return the batch for the current stage (detached, in [0, 1], inside the ball)."""
@@ -105,19 +205,47 @@ class MOAT:
         params = self.params
         threat = state.threat
         x = x.detach()
+        sites = latent_sites(model)
+        # First of all, at every stage: a SLAT step left in the sites by an earlier stage-1
+        # call would otherwise perturb this step's update forward (SLAT clears them only at
+        # its own next call, which a clean or multi-step stage never makes).
+        for site in sites:
+            site.clear()
         stage = min(2, max(0, round(params.stage)))
-        if stage == 0 or threat.eps == 0:
-            # Python numbers only: no host sync. The ball of radius 0 is the point x.
+        if stage == 0:
             return x
         n_clean = math.floor(float(params.clean_fraction) * x.shape[0])
         if n_clean >= x.shape[0]:
             return x
         x_att, y_att = x[n_clean:], y[n_clean:]
+        if stage == 1 and params.single_attack == "slat":
+            # Delegated before the eps = 0 shortcut: SLAT still takes latent steps at eps 0
+            # (e.g. at the start of an eps warm-up), as it does as a perturbation of its own.
+            self._slat.params = params.slat or self._slat_defaults
+            adv = self._slat.generate(model, x_att, y_att, state)
+            _pad_latent_steps(sites, n_clean)
+        elif stage == 2 and params.multi_attack == "spat":
+            self._spat.params = params.spat or self._spat_defaults
+            adv = self._spat.generate(model, x_att, y_att, state)
+        elif threat.eps == 0:
+            # Python numbers only: no host sync. The ball of radius 0 is the point x.
+            return x
+        else:
+            adv = self._builtin_attack(model, x_att, y_att, threat, stage)
+        if n_clean == 0:
+            return adv
+        return torch.cat([x[:n_clean], adv]).detach()
+
+    def _builtin_attack(
+        self, model: nn.Module, x: Tensor, y: Tensor, threat: artplug.Threat, stage: int
+    ) -> Tensor:
+        """FGSM-RS (stage 1) or PGD (stage 2) on the attacked rows ``x``."""
+        params = self.params
         scale = artplug.attack_logit_scale(model)
 
         def objective(outputs: Tensor) -> Tensor:
             # Sum, not mean: each example's gradient is independent of the batch size.
-            return F.cross_entropy(scale * outputs, y_att, reduction="sum")
+            return F.cross_entropy(scale * outputs, y, reduction="sum")
 
         if stage == 1:
             steps = 1
@@ -127,13 +255,52 @@ class MOAT:
             steps = max(1, round(params.multi_steps))
             size = params.multi_step_size
             step_size = threat.eps / 4 if size is None else float(size)
-        start = artplug.random_start(x_att, threat)
-        adv = artplug.projected_ascent(
-            model, x_att, start, threat, objective, steps=steps, step_size=step_size
+        start = artplug.random_start(x, threat)
+        return artplug.projected_ascent(
+            model, x, start, threat, objective, steps=steps, step_size=step_size
         )
-        if n_clean == 0:
-            return adv
-        return torch.cat([x[:n_clean], adv]).detach()
+
+    @classmethod
+    def check_recipe(cls, params: Params, recipe: artplug.RecipeView) -> Iterable[str]:
+        """Rules of the delegated stages: SLAT's sites and losses, SPAT's own rules."""
+        has_sites = LatentSites.name in recipe.transforms
+        if params.single_attack == "slat":
+            if not has_sites:
+                yield (
+                    'single_attack = "slat" perturbs latent feature maps; add [[transform]] '
+                    'use = "latent-sites" (before any guided-dropout or hypersphere transform)'
+                )
+            if "trades" in recipe.losses:
+                yield (
+                    'single_attack = "slat" cannot be combined with the trades loss, which also '
+                    "trains the single-step stage: TRADES-SLAT is not defined (the KL gradient "
+                    "at the clean point is zero, and SLAT has no random start); use "
+                    'single_attack = "fgsm-rs", or the cross-entropy or he-margin loss'
+                )
+        elif has_sites:
+            yield (
+                "the latent-sites transform is filled only by the slat attack, and "
+                f"single_attack = {params.single_attack!r} never runs it (the sites would stay "
+                'empty); set single_attack = "slat" or drop the transform'
+            )
+        if params.multi_attack == "spat":
+            for reason in SPAT.check_recipe(params.spat or SPAT.Params(), recipe):
+                yield f'multi_attack = "spat" (its parameters: the spat sub-table): {reason}'
+
+
+def _pad_latent_steps(sites: list[LatentSite], n_clean: int) -> None:
+    """Give the ``n_clean`` leading clean rows a zero latent step in every site.
+
+    SLAT ran on the attacked rows only, so its steps have ``B − n_clean`` rows while the update
+    forward sees all ``B``; a zero step leaves a clean row's map unchanged (the domain
+    constraint's clip of an unshifted map is the identity).
+    """
+    if n_clean == 0:
+        return
+    for site in sites:
+        delta = site.delta
+        if delta is not None:
+            site.delta = torch.cat([delta.new_zeros((n_clean, *delta.shape[1:])), delta])
 
 
 class MOATStages:

@@ -312,7 +312,12 @@ class LatentSites:
 
     @classmethod
     def check_recipe(cls, params: Params, recipe: artplug.RecipeView) -> Iterable[str]:
-        """Require the ``slat`` perturbation, one listing, and the transform order of §8."""
+        """Require ``slat`` (or ``moat``), one listing, and the transform order of §8.
+
+        ``moat`` is accepted because it can run SLAT as its single-step stage; whether it
+        does (``single_attack = "slat"``) is a parameter of ``moat``, which a transform cannot
+        see, so ``moat``'s own check rejects ``latent-sites`` with any other single attack.
+        """
         transforms = list(recipe.transforms)
         count = transforms.count(cls.name)
         if count > 1:
@@ -325,10 +330,13 @@ class LatentSites:
                 f"{', '.join(repr(t) for t in before)} (transforms apply in the order SAT -> "
                 "SLAT sites -> AALP dropout -> HE head, so hooks see the final modules)"
             )
-        if recipe.perturbation != Slat.name:
+        # The perturbations that fill the sites: slat, and moat, which delegates its
+        # single-step stage to slat (moat imports this module, so moat is named by its string).
+        if recipe.perturbation not in (Slat.name, "moat"):
             yield (
                 "latent-sites only acts through the slat perturbation (it is the identity "
-                'otherwise); use [perturbation] use = "slat" or drop the transform'
+                'otherwise); use [perturbation] use = "slat" (or "moat" with single_attack = '
+                '"slat") or drop the transform'
             )
 
 

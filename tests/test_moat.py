@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import tomllib
 from typing import Any
 
 import pluggy
@@ -17,17 +18,21 @@ import torch
 import toy
 from artplug_plugins import moat
 from artplug_plugins.moat import MOAT, MOATStages
+from artplug_plugins.slat import LatentSites, Slat, latent_sites
+from artplug_plugins.spat import SPAT
 from pydantic import ValidationError
 from torch import Tensor, nn
 from toy import ce_input_grad
 
 import artplug
 import artplug.hookspecs
-from artplug.engine import build, fit
+import artplug.testing
+from artplug.engine import build, fit, train_step
 from artplug.errors import RecipeError
+from artplug.phase import running
 from artplug.recipe import resolve
 from artplug.registry import Registry
-from artplug.testing import digits_recipe
+from artplug.testing import check_perturbation, digits_recipe, tiny_batch, tiny_model
 
 SHAPE = (2, 3, 3)
 
@@ -190,11 +195,291 @@ def test_zero_eps_returns_x() -> None:
         {"clean_fraction": 1.0},
         {"clean_fraction": -0.1},
         {"steps": 10},
+        {"single_attack": "fgsm"},
+        {"multi_attack": "apgd"},
     ],
 )
 def test_perturbation_params_validation(bad: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         MOAT.Params(**bad)
+
+
+# ---------------------------------------------------------------- delegated stages (SLAT, SPAT)
+
+
+def sited_model() -> nn.Module:
+    """The digits small-cnn with SLAT's default sites (layer1, layer2), in eval mode."""
+    model = LatentSites(LatentSites.Params()).apply(tiny_model())
+    return model.eval()
+
+
+def deltas(model: nn.Module) -> list[Tensor | None]:
+    return [None if s.delta is None else s.delta.clone() for s in latent_sites(model)]
+
+
+def test_stage_1_with_slat_is_slat_called_directly() -> None:
+    model = sited_model()
+    x, y = tiny_batch()
+    s = state(model, 0.1)
+    sub = {"alpha": 0.7, "latent_eps": 0.05, "latent_multiplier": 0.5}
+    torch.manual_seed(4)
+    out = make(stage=1, single_attack="slat", slat=sub).generate(model, x, y, s)
+    moat_deltas = deltas(model)
+    torch.manual_seed(4)
+    expected = Slat(Slat.Params(**sub)).generate(model, x, y, s)
+    assert torch.equal(out, expected) and not out.requires_grad
+    assert len(moat_deltas) == 2
+    for got, want in zip(moat_deltas, deltas(model), strict=True):
+        assert got is not None and want is not None and torch.equal(got, want)
+        # min(0.5, 1) * 0.05 * sign(g): the sub-table's parameters reached SLAT.
+        assert torch.all((got == 0) | ((got.abs() - 0.025).abs() < 1e-7))
+    # SLAT has no random start: its input step is alpha * eps * sign(g) from x itself, which
+    # FGSM-RS (the default single attack, from a random point, step 1.25 eps) is not.
+    assert torch.allclose((out - x).abs().amax(), torch.tensor(0.07))
+    torch.manual_seed(4)
+    fgsm_rs = make(stage=1).generate(model, x, y, s)
+    assert not torch.equal(fgsm_rs, out)
+    assert all(site.delta is None for site in latent_sites(model))
+
+
+def test_slat_stage_takes_latent_steps_at_eps_0_as_slat_does() -> None:
+    model = sited_model()
+    x, y = tiny_batch()
+    out = make(stage=1, single_attack="slat").generate(model, x, y, state(model, 0.0))
+    assert torch.equal(out, x)
+    assert all(site.delta is not None for site in latent_sites(model))
+
+
+def test_slat_stage_with_a_clean_fraction_gives_clean_rows_a_zero_latent_step() -> None:
+    model = sited_model()
+    x, y = tiny_batch(10)
+    s = state(model, 0.1)
+    out = make(stage=1, single_attack="slat", clean_fraction=0.3).generate(model, x, y, s)
+    padded = deltas(model)
+    assert torch.equal(out[:3], x[:3])
+    # The attacked rows are SLAT on those rows alone (eval-mode BN: rows are independent).
+    rest = Slat(Slat.Params()).generate(model, x[3:], y[3:], s)
+    torch.testing.assert_close(out[3:], rest)
+    for got, want in zip(padded, deltas(model), strict=True):
+        assert got is not None and want is not None and got.shape[0] == 10
+        assert torch.equal(got[:3], torch.zeros_like(got[:3]))
+        torch.testing.assert_close(got[3:], want)
+    for site, delta in zip(latent_sites(model), padded, strict=True):
+        site.delta = delta
+    # In the update forward the clean rows are exactly the unperturbed model's outputs, the
+    # attacked rows are perturbed in latent space too.
+    with running("update-adv"):
+        update = model(out)
+    plain = model(out)
+    torch.testing.assert_close(update[:3], plain[:3], rtol=0, atol=0)
+    assert not torch.allclose(update[3:], plain[3:])
+
+
+@pytest.mark.parametrize("clean_fraction, clean_rows", [(0.0, 0), (0.25, 4)])
+def test_stage_2_with_spat_is_spat_called_directly(clean_fraction: float, clean_rows: int) -> None:
+    model = tiny_model().eval()
+    x, y = tiny_batch()
+    s = state(model, 0.1)
+    sub = {"steps": 3, "reduce": "min", "mask_mode": "hard", "tau": 0.2}
+    torch.manual_seed(8)
+    out = make(multi_attack="spat", spat=sub, clean_fraction=clean_fraction).generate(
+        model, x, y, s
+    )
+    torch.manual_seed(8)
+    rest = SPAT(SPAT.Params(**sub)).generate(model, x[clean_rows:], y[clean_rows:], s)
+    assert torch.equal(out[:clean_rows], x[:clean_rows])
+    assert torch.equal(out[clean_rows:], rest) and not out.requires_grad
+    # The sub-table mattered: SPAT with its defaults (or moat's PGD) is another attack.
+    torch.manual_seed(8)
+    pgd = make(clean_fraction=clean_fraction, multi_steps=3).generate(model, x, y, s)
+    assert not torch.equal(pgd, out)
+
+
+def test_spat_defaults_when_the_sub_table_is_left_out() -> None:
+    model = tiny_model().eval()
+    x, y = tiny_batch(6)
+    s = state(model, 0.1)
+    torch.manual_seed(2)
+    out = make(multi_attack="spat").generate(model, x, y, s)
+    torch.manual_seed(2)
+    assert torch.equal(out, SPAT(SPAT.Params()).generate(model, x, y, s))
+
+
+@pytest.mark.parametrize(
+    "later",
+    [
+        {"stage": 0},
+        {"stage": 2, "multi_steps": 1},
+        {"stage": 2, "multi_attack": "spat", "spat": {"steps": 1}},
+        {"stage": 1, "clean_fraction": 0.5},  # fgsm-rs: only a programmatic stack gets here
+    ],
+    ids=["clean", "pgd", "spat", "fgsm-rs"],
+)
+def test_other_stages_clear_the_latent_steps_of_an_earlier_slat_stage(
+    later: dict[str, Any],
+) -> None:
+    model = sited_model()
+    x, y = tiny_batch()
+    s = state(model, 0.1)
+    technique = make(stage=1, single_attack="slat")
+    technique.generate(model, x, y, s)
+    assert all(site.delta is not None for site in latent_sites(model))
+    with running("update-adv"):
+        stale = model(x)
+    assert not torch.allclose(stale, model(x))  # a stored step perturbs the update forward
+    update = {"single_attack": "fgsm-rs"} if later["stage"] == 1 else {}
+    technique.params = MOAT.Params(**{**technique.params.model_dump(), **update, **later})
+    x_next = technique.generate(model, x, y, s)
+    assert all(site.delta is None for site in latent_sites(model))
+    with running("update-adv"):
+        update_logits = model(x_next)
+    torch.testing.assert_close(update_logits, model(x_next), rtol=0, atol=0)
+
+
+def test_engine_steps_through_slat_then_clean_leave_no_stale_step(plugin_set, tmp_path) -> None:
+    raw = digits_recipe(
+        transform=[{"use": "latent-sites"}],
+        perturbation={"use": "moat", "single_attack": "slat", "model_mode": "train"},
+    )
+    c = build(resolve(raw, plugin_set.registries))
+    x, y = c.data.train[0][:32].to(c.device), c.data.train[1][:32].to(c.device)
+    progress = artplug.Progress(epoch=0, step=0, steps_per_epoch=10, total_steps=100)
+    assert isinstance(c.perturbation, MOAT)
+    c.perturbation.params = c.perturbation.params.model_copy(update={"stage": 1})
+    train_step(c, x, y, progress)
+    assert all(site.delta is not None for site in latent_sites(c.model))
+    c.perturbation.params = c.perturbation.params.model_copy(update={"stage": 0})
+    train_step(c, x, y, progress)
+    assert all(site.delta is None for site in latent_sites(c.model))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"stage": 1, "single_attack": "slat"},
+        {"stage": 1, "single_attack": "slat", "clean_fraction": 0.25},
+        {"stage": 2, "multi_attack": "spat", "spat": {"steps": 2}},
+        {"stage": 2, "multi_attack": "spat", "spat": {"steps": 2}, "clean_fraction": 0.25},
+    ],
+)
+def test_delegated_stages_keep_the_perturbation_contract(
+    monkeypatch: pytest.MonkeyPatch, params: dict[str, Any]
+) -> None:
+    plain = artplug.testing.tiny_model
+
+    def with_sites(num_classes: int = 10, seed: int = 0) -> nn.Module:
+        return LatentSites(LatentSites.Params()).apply(plain(num_classes, seed))
+
+    monkeypatch.setattr(artplug.testing, "tiny_model", with_sites)
+    check_perturbation(MOAT, params)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"slat": {"alpha": 0.5}}, "the slat sub-table is used only with single_attack = 'slat'"),
+        ({"spat": {"steps": 2}}, "the spat sub-table is used only with multi_attack = 'spat'"),
+        ({"single_attack": "slat", "single_step_size": 0.1}, "slat.alpha * eps"),
+        ({"multi_attack": "spat", "multi_step_size": 0.1}, "spat = { step_size"),
+        ({"single_attack": "slat", "slat": {"alpha": 0.0}}, "greater than 0"),
+        ({"single_attack": "slat", "slat": {"steps": 2}}, "Extra inputs"),
+        ({"multi_attack": "spat", "spat": {"loss": "kl", "random_start": False}}, "random_start"),
+    ],
+)
+def test_sub_parameters_are_validated(bad: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message.replace("*", r"\*").replace("{", r"\{")):
+        MOAT.Params(**bad)
+
+
+def view(
+    *,
+    transforms: tuple[str, ...] = (),
+    losses: tuple[str, ...] = ("cross-entropy",),
+    model_mode: str = "eval",
+) -> artplug.RecipeView:
+    return artplug.RecipeView(
+        transforms=transforms,
+        perturbation="moat",
+        losses=losses,
+        schedules=("moat-stages",),
+        threat=artplug.Threat("linf", 0.1),
+        model_mode=model_mode,
+    )
+
+
+def reasons(recipe: artplug.RecipeView, **params: Any) -> list[str]:
+    return list(MOAT.check_recipe(MOAT.Params(**params), recipe))
+
+
+def test_check_recipe_accepts_the_allowed_delegations() -> None:
+    sites = ("latent-sites",)
+    assert reasons(view()) == []
+    assert reasons(view(transforms=sites), single_attack="slat") == []
+    assert reasons(view(transforms=sites, losses=("he-margin",)), single_attack="slat") == []
+    assert reasons(view(), multi_attack="spat") == []
+    trades_kl = {"multi_attack": "spat", "spat": {"loss": "kl"}}
+    assert reasons(view(losses=("trades",)), **trades_kl) == []
+    # SLAT in train mode (the SLAT code) with the PGD stage is fine; only spat needs eval.
+    assert reasons(view(transforms=sites, model_mode="train"), single_attack="slat") == []
+
+
+def test_check_recipe_rejects_slat_without_sites_or_with_trades() -> None:
+    (missing,) = reasons(view(), single_attack="slat")
+    assert missing.startswith('single_attack = "slat" perturbs latent feature maps; add')
+    assert 'use = "latent-sites"' in missing
+    (trades,) = reasons(
+        view(transforms=("latent-sites",), losses=("trades",)), single_attack="slat"
+    )
+    assert "cannot be combined with the trades loss" in trades
+    assert 'single_attack = "fgsm-rs"' in trades
+
+
+def test_check_recipe_rejects_sites_that_fgsm_rs_never_fills() -> None:
+    (reason,) = reasons(view(transforms=("latent-sites",)))
+    assert "latent-sites transform is filled only by the slat attack" in reason
+    assert "single_attack = 'fgsm-rs' never runs it" in reason
+
+
+def test_check_recipe_passes_on_spat_rules() -> None:
+    (mode,) = reasons(view(model_mode="train"), multi_attack="spat")
+    assert mode.startswith('multi_attack = "spat" (its parameters: the spat sub-table): ')
+    assert 'spat needs [perturbation] model_mode = "eval"' in mode
+    (trades,) = reasons(view(losses=("trades",)), multi_attack="spat")
+    assert 'with the trades loss set loss = "kl"' in trades
+    assert reasons(view(model_mode="train")) == []  # pgd has no such rule
+
+
+def test_latent_sites_accepts_moat_as_the_perturbation() -> None:
+    sites_view = view(transforms=("latent-sites",))
+    assert list(LatentSites.check_recipe(LatentSites.Params(), sites_view)) == []
+    fgsm = artplug.RecipeView(
+        transforms=("latent-sites",),
+        perturbation="fgsm",
+        losses=("cross-entropy",),
+        schedules=(),
+        threat=artplug.Threat("linf", 0.1),
+    )
+    (reason,) = LatentSites.check_recipe(LatentSites.Params(), fgsm)
+    assert "only acts through the slat perturbation" in reason and '"moat"' in reason
+
+
+def test_resolved_recipe_with_sub_tables_round_trips(plugin_set) -> None:
+    raw = digits_recipe(
+        transform=[{"use": "latent-sites"}],
+        perturbation={
+            "use": "moat",
+            "single_attack": "slat",
+            "slat": {"alpha": 0.8},
+            "multi_attack": "spat",
+            "spat": {"steps": 3, "reduce": "min"},
+        },
+    )
+    recipe = resolve(raw, plugin_set.registries, overrides=["perturbation.spat.gamma=2.0"])
+    params = recipe.perturbation.params
+    assert isinstance(params, MOAT.Params) and isinstance(params.slat, Slat.Params)
+    assert params.slat.alpha == 0.8 and params.spat is not None and params.spat.gamma == 2.0
+    again = resolve(tomllib.loads(recipe.to_toml()), plugin_set.registries)
+    assert again.perturbation.params == params
 
 
 # ---------------------------------------------------------------- the schedule
