@@ -632,6 +632,11 @@ def plot_chart(comparison: Comparison, path: str | Path) -> Path | None:
     axes.set_ylabel(f"robust test accuracy (%): {meaning}", fontsize=9)
     axes.set_title(comparison.title if len(comparison.title) <= 90 else comparison.slug, fontsize=9)
     axes.margins(x=0.15, y=0.1)  # room for the labels of points at the edges
+    # Accuracies live in [0, 100]: the margins must not stretch an axis past 100 %.
+    low_x, high_x = axes.get_xlim()
+    low_y, high_y = axes.get_ylim()
+    axes.set_xlim(max(low_x, 0.0), min(high_x, 100.5))
+    axes.set_ylim(max(low_y, 0.0), min(high_y, 100.5))
     axes.grid(True, alpha=0.3)
     figure.tight_layout()
     figure.savefig(out, format="png")
