@@ -23,8 +23,10 @@ from artplug.kinds import (
 from artplug.ops import (
     ascent_step,
     attack_logit_scale,
+    full_precision,
     logit_scale,
     project,
+    project_ball,
     projected_ascent,
     random_start,
 )
@@ -57,9 +59,11 @@ __all__ = [
     "ascent_step",
     "attack_logit_scale",
     "current_phase",
+    "full_precision",
     "hookimpl",
     "logit_scale",
     "project",
+    "project_ball",
     "projected_ascent",
     "random_start",
 ]

@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import click
 
 from artplug.errors import ArtplugError, CheckpointError, PluginError
 from artplug.kinds import KINDS
-from artplug.lab import ERROR_TAG
+from artplug.lab import ERROR_TAG, FORMATS, RUN_ID, Format
 from artplug.plugins import PluginSet, load_plugins
 
 KIND_TITLES = {
@@ -59,17 +58,40 @@ def _set_option() -> Any:
     )
 
 
+def _quiet_option() -> Any:
+    return click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+
+
+def _max_steps_option(help_text: str = "Stop after N steps (smoke test).") -> Any:
+    return click.option("--max-steps", type=click.IntRange(min=1), default=None, help=help_text)
+
+
 def _plugin_set(ctx: click.Context) -> PluginSet:
     plugin_set: PluginSet = ctx.find_root().obj
     return plugin_set
 
 
-def _load(ctx: click.Context, recipe: str, overrides: Sequence[str]) -> Any:
+def _load(plugin_set: PluginSet, recipe: str, overrides: Sequence[str]) -> Any:
+    """The recipe file ``recipe`` with ``overrides``, resolved against the installed plugins."""
     from artplug.recipe import load_recipe
 
-    plugin_set = _plugin_set(ctx)
     return load_recipe(
         recipe, plugin_set.registries, overrides, failure_hint=plugin_set.failure_hint()
+    )
+
+
+def _resolve(
+    plugin_set: PluginSet, raw: Mapping[str, Any], source: str, overrides: Sequence[str]
+) -> Any:
+    """A parsed recipe (from a checkpoint or an MLflow run) resolved like :func:`_load`."""
+    from artplug.recipe import resolve
+
+    return resolve(
+        raw,
+        plugin_set.registries,
+        source=source,
+        overrides=overrides,
+        failure_hint=plugin_set.failure_hint(),
     )
 
 
@@ -93,13 +115,8 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
     @click.argument("recipe", type=click.Path(dir_okay=False))
     @_set_option()
     @click.option("--no-track", is_flag=True, help="Do not record the run in MLflow.")
-    @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-    @click.option(
-        "--max-steps",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Stop after N steps (smoke test).",
-    )
+    @_quiet_option()
+    @_max_steps_option()
     @click.pass_context
     def run(
         ctx: click.Context,
@@ -110,14 +127,15 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         max_steps: int | None,
     ) -> None:
         """Train RECIPE adversarially, evaluate it with ART and log the run to MLflow."""
-        resolved = _load(ctx, recipe, overrides)
-        _run(_plugin_set(ctx), resolved, no_track=no_track, quiet=quiet, max_steps=max_steps)
+        plugin_set = _plugin_set(ctx)
+        resolved = _load(plugin_set, recipe, overrides)
+        _run(plugin_set, resolved, no_track=no_track, quiet=quiet, max_steps=max_steps)
 
     @cli.command()
     @click.argument("checkpoint", type=click.Path())
     @_set_option()
     @click.option("--no-track", is_flag=True, help="Do not record the run in MLflow.")
-    @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+    @_quiet_option()
     @click.pass_context
     def resume(
         ctx: click.Context,
@@ -133,20 +151,13 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         """
         from artplug import checkpoint as ckpt
         from artplug.engine import CHECKPOINT_NAME
-        from artplug.recipe import resolve
 
         path = Path(checkpoint)
         if path.is_dir():
             path = path / CHECKPOINT_NAME
         payload = ckpt.load(path)
         plugin_set = _plugin_set(ctx)
-        resolved = resolve(
-            payload["recipe"],
-            plugin_set.registries,
-            source=str(path),
-            overrides=overrides,
-            failure_hint=plugin_set.failure_hint(),
-        )
+        resolved = _resolve(plugin_set, payload["recipe"], str(path), overrides)
         _run(
             plugin_set,
             resolved,
@@ -201,7 +212,7 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         default=None,
         help="Folder for eval.json and the plot (default: eval-<time> beside the checkpoint).",
     )
-    @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+    @_quiet_option()
     @click.pass_context
     def eval_(
         ctx: click.Context,
@@ -244,7 +255,7 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
     @click.pass_context
     def validate(ctx: click.Context, recipe: str, overrides: tuple[str, ...]) -> None:
         """Check RECIPE and print it resolved, with every default filled in."""
-        resolved = _load(ctx, recipe, overrides)
+        resolved = _load(_plugin_set(ctx), recipe, overrides)
         click.echo(resolved.to_toml(), nl=False)
 
     @cli.command(name="list")
@@ -332,7 +343,7 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
     @click.option(
         "--format",
         "fmt",
-        type=click.Choice(["table", "markdown", "csv"]),
+        type=click.Choice(FORMATS),
         default="table",
         show_default=True,
         help="Output format; csv writes fractions and seconds at full precision.",
@@ -355,7 +366,7 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         experiment: str | None,
         run_ids: tuple[str, ...],
         parent: str | None,
-        fmt: str,
+        fmt: Format,
         chart: str | None,
         no_chart: bool,
         tracking_uri: str | None,
@@ -380,13 +391,8 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         '["clean","fgsm"]\'.',
     )
     @_set_option()
-    @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-    @click.option(
-        "--max-steps",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Stop every run after N steps (smoke test).",
-    )
+    @_quiet_option()
+    @_max_steps_option("Stop every run after N steps (smoke test).")
     @click.pass_context
     def sweep(
         ctx: click.Context,
@@ -416,13 +422,8 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         help="MLflow tracking URI of RUN_ID and of the new run (default: MLFLOW_TRACKING_URI, "
         "else MLflow's; the new run follows the recipe's [tracking] uri when it names one).",
     )
-    @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-    @click.option(
-        "--max-steps",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Stop after N steps (smoke test).",
-    )
+    @_quiet_option()
+    @_max_steps_option()
     @click.pass_context
     def rerun(
         ctx: click.Context,
@@ -467,7 +468,7 @@ def _run(
     from artplug import engine
     from artplug.display import Display
     from artplug.evaluate import format_table
-    from artplug.tracking import MlflowTracker, NullTracker, Tracker, flatten
+    from artplug.tracking import MlflowTracker, NullTracker, Tracker
 
     display = Display(enabled=not quiet)
     tracker: Tracker
@@ -514,7 +515,7 @@ def _run(
             # Failed before engine.start_tracking: open the run now so the failure is on record.
             with contextlib.suppress(ArtplugError):
                 tracker.start()
-                tracker.log_params(flatten(resolved.to_dict()))
+                tracker.log_params(resolved.to_dict())
         if tracker.run_id is not None:
             tracker.set_tags({ERROR_TAG: _one_line(exc)})
         raise
@@ -543,10 +544,11 @@ def _run(
 
 def _one_line(exc: BaseException) -> str:
     """An exception as the one line the CLI would print for it (without ``Error:``)."""
+    from artplug.tracking import _short
+
     if isinstance(exc, ArtplugError):
         return exc.one_line()
-    text = " ".join(str(exc).split()) or "(no message)"
-    return f"{type(exc).__name__}: {text}"[:1000]
+    return _short(exc, 1000)
 
 
 def _echo_report(report: dict[str, Any], sanity: Any) -> None:
@@ -575,8 +577,6 @@ def _echo_report(report: dict[str, Any], sanity: Any) -> None:
 
 # ------------------------------------------------------------------------------------------
 # artplug eval
-
-_RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -674,7 +674,7 @@ def _eval(plugin_set: PluginSet, target: str, options: EvalOptions) -> None:
             path = _pick_checkpoint(path)
         elif path.exists():
             pass
-        elif _RUN_ID.fullmatch(target):
+        elif RUN_ID.fullmatch(target):
             path = _download_run_checkpoint(target, Path(scratch), options.tracking_uri)
             local = False
         else:
@@ -694,14 +694,12 @@ def _evaluate_payload(
     options: EvalOptions,
     checkpoint_dir: Path | None,
 ) -> None:
-    import contextlib
     import tempfile
     from datetime import datetime
 
     from artplug import engine
     from artplug.display import Display
     from artplug.evaluate import format_table
-    from artplug.recipe import resolve
     from artplug.tracking import NullTracker, Tracker
 
     if not isinstance(payload.get("recipe"), dict) or "model" not in payload:
@@ -714,13 +712,7 @@ def _evaluate_payload(
     if options.attacks:
         overrides.append(f"eval.final_attacks={json.dumps(list(dict.fromkeys(options.attacks)))}")
     overrides.append(f"eval.eps_curve={json.dumps(options.curve)}")
-    resolved = resolve(
-        payload["recipe"],
-        plugin_set.registries,
-        source=source,
-        overrides=overrides,
-        failure_hint=plugin_set.failure_hint(),
-    )
+    resolved = _resolve(plugin_set, payload["recipe"], source, overrides)
     display = Display(enabled=not options.quiet)
     components = engine.build(resolved)
     engine.load_weights(components, payload, source)
@@ -798,7 +790,7 @@ def _compare(
     experiment: str | None,
     run_ids: list[str],
     parent: str | None,
-    fmt: str,
+    fmt: Format,
     chart: str | None,
     no_chart: bool,
     tracking_uri: str | None,
@@ -812,7 +804,7 @@ def _compare(
     notes_to_stderr = fmt == "csv"
     for line in lab.describe(comparison):
         click.echo(line, err=notes_to_stderr)
-    click.echo(lab.render(comparison, fmt))  # type: ignore[arg-type]
+    click.echo(lab.render(comparison, fmt))
     if no_chart:
         return
     path = lab.plot_chart(comparison, chart or f"compare-{comparison.slug}.png")
@@ -828,7 +820,6 @@ def _resolve_sweep(
     """Every combination with its resolved recipe; all problems of all combinations at once."""
     from artplug import lab
     from artplug.errors import RecipeError
-    from artplug.recipe import load_recipe
 
     combos = lab.combinations(grid)
     resolved: list[tuple[dict[str, str], Any]] = []
@@ -836,12 +827,7 @@ def _resolve_sweep(
     for values in combos:
         label = lab.combination_label(values)
         try:
-            recipe_of = load_recipe(
-                recipe,
-                plugin_set.registries,
-                [*overrides, *lab.combination_overrides(values)],
-                failure_hint=plugin_set.failure_hint(),
-            )
+            recipe_of = _load(plugin_set, recipe, [*overrides, *lab.combination_overrides(values)])
         except RecipeError as exc:
             failures.append((label, exc.problems))
             continue
@@ -909,7 +895,9 @@ def _sweep(
             click.echo(f"\n[{index}/{size}] {label}")
             extra = [] if names_vary else [f"run.name={json.dumps(f'{base.run.name} {label}')}"]
             # Re-resolved with the child's own name (validated above without it).
-            child = _load(ctx, recipe, [*overrides, *lab.combination_overrides(values), *extra])
+            child = _load(
+                plugin_set, recipe, [*overrides, *lab.combination_overrides(values), *extra]
+            )
             outcome: dict[str, Any] = {"values": values, "run_id": None, "status": "FAILED"}
             outcomes.append(outcome)
             tags = {
@@ -1008,17 +996,11 @@ def _rerun(
 ) -> None:
     """The body of ``artplug rerun``."""
     from artplug import lab
-    from artplug.recipe import resolve
 
     raw, original = lab.fetch_logged_recipe(run_id, tracking_uri)
     plugin_set = _plugin_set(ctx)
-    resolved = resolve(
-        raw,
-        plugin_set.registries,
-        source=f"MLflow run {run_id} ({lab.RECIPE_ARTIFACT})",
-        overrides=overrides,
-        failure_hint=plugin_set.failure_hint(),
-    )
+    source = f"MLflow run {run_id} ({lab.RECIPE_ARTIFACT})"
+    resolved = _resolve(plugin_set, raw, source, overrides)
     changes = f"with --set {' '.join(overrides)}" if overrides else "unchanged"
     note = (
         f"Re-run of MLflow run {run_id} ('{original.info.run_name}') from its logged "

@@ -9,8 +9,9 @@ Metrics: one per radius, ``curve/<attack>_acc/eps_<eps>`` (``eps`` written with 
 ``curve/pgd-20_acc/eps_0.0313725``), so runs can be compared radius by radius in MLflow's run
 table; the picture is the artifact ``eps_curve.png``.
 
-matplotlib is imported only inside :func:`plot_curve`, and drawn through its Agg canvas
-directly (no pyplot), so no GUI backend and no global figure state are involved.
+matplotlib is imported only when :func:`plot_curve` draws, through the figure helpers of
+:mod:`artplug.plots` (its Agg canvas directly, no pyplot), so no GUI backend and no global
+figure state are involved.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from artplug.kinds import Threat
+from artplug.plots import new_figure, save_figure
 
 DEFAULT_ATTACK = "pgd-20"
 PLOT_NAME = "eps_curve.png"
@@ -86,13 +88,7 @@ def plot_curve(
     mark_eps: float | None = None,
 ) -> Path:
     """Draw accuracy (%) against eps as a PNG at ``path``; ``mark_eps`` gets a dashed line."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure = Figure(figsize=(5.0, 3.5), dpi=120)
-    FigureCanvasAgg(figure)
+    figure = new_figure(5.0, 3.5, dpi=120)
     axes = figure.add_subplot()
     xs = [eps for eps, _ in points]
     ys = [100.0 * accuracy for _, accuracy in points]
@@ -106,5 +102,4 @@ def plot_curve(
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(out, format="png")
-    return out
+    return save_figure(figure, path)

@@ -468,19 +468,19 @@ def evaluate_with_worst(
     """
     from artplug.evaluate import evaluate_detailed
 
-    names = list(dict.fromkeys(attacks))
     accuracies, _ = evaluate_detailed(
         model,
         x,
         y,
         threat,
-        names,
+        attacks,
         batch_size=batch_size,
         seed=seed,
         device=device,
         on_attack=on_attack,
     )
-    if sum(name != "clean" for name in names) < 2:
+    # The keys are the requested entries without repeats, then "worst".
+    if sum(name not in ("clean", "worst") for name in accuracies) < 2:
         accuracies.pop("worst", None)
     return accuracies
 
@@ -504,11 +504,7 @@ def _checkpoint_payload(c: Components, epoch: int, step: int, run_id: str | None
 def restore(c: Components, payload: Mapping[str, Any], source: str) -> tuple[int, int]:
     """Load a checkpoint into built components; return (epochs done, steps done)."""
     load_weights(c, payload, source)
-    try:
-        c.optimizer.load_state_dict(payload["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{source}: does not match this recipe's model ({first})") from None
+    _load_matching(c.optimizer.load_state_dict, payload, "optimizer", source)
     if c.scaler is not None and payload.get("scaler"):
         c.scaler.load_state_dict(payload["scaler"])
     load_state = getattr(c.perturbation, "load_state_dict", None)
@@ -520,8 +516,15 @@ def restore(c: Components, payload: Mapping[str, Any], source: str) -> tuple[int
 
 def load_weights(c: Components, payload: Mapping[str, Any], source: str) -> None:
     """Load only the model weights of a checkpoint (evaluation); CheckpointError on a mismatch."""
+    _load_matching(c.model.load_state_dict, payload, "model", source)
+
+
+def _load_matching(
+    load: Callable[[Any], object], payload: Mapping[str, Any], key: str, source: str
+) -> None:
+    """``load(payload[key])``; a missing or mismatching entry becomes a one-line CheckpointError."""
     try:
-        c.model.load_state_dict(payload["model"])
+        load(payload[key])
     except (KeyError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{source}: does not match this recipe's model ({first})") from None
@@ -681,7 +684,7 @@ class CostLedger:
             **{k.removeprefix("cost/"): v for k, v in self.totals().items()},
             "peak_memory_mb": max(peaks) if peaks else None,
             "peak_memory_source": PEAK_MEMORY_SOURCES[source],
-            "epochs": [dict(e) for e in self.epochs],
+            "epochs": self.state_dict(),
         }
 
     def state_dict(self) -> list[dict[str, float]]:
@@ -911,14 +914,13 @@ def fit(
     steps_per_epoch = len(c.train_loader)
     start_epoch, step = 0, 0
     policy = CheckpointPolicy(settings.attacks, settings.early_stop_patience)
+    ledger = CostLedger(c.device)
     if resume_from is not None:
         start_epoch, step = restore(c, resume_from, "checkpoint")
         policy.load_state_dict(resume_from.get("selection"))
+        ledger.load_state_dict(resume_from.get("cost"))
     meter = _Meter(c.device, [slot.id for slot in c.losses])
     counter = PassCounter()
-    ledger = CostLedger(c.device)
-    if resume_from is not None:
-        ledger.load_state_dict(resume_from.get("cost"))
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     epochs_done = start_epoch

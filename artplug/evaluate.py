@@ -119,7 +119,7 @@ import importlib
 import inspect
 import random
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,27 +267,51 @@ class _Context:
         """Mask of the rows of ``x`` classified as ``y``."""
         return np.asarray(self.logits(x, pin=pin).argmax(axis=1) == y)
 
+    def classifier_with(self, loss: nn.Module) -> Any:
+        """Another ART classifier over the same model, with ``loss`` and no logit memo."""
+        return _make_classifier(
+            self.classifier.model,
+            loss,
+            tuple(self.classifier.input_shape),
+            self.nb_classes,
+            self.device,
+        )
+
     def margin_classifier(self) -> Any:
         """A second ART classifier over the same model, whose loss is :class:`MarginLoss`."""
         if self._margin is None:
-            self._margin = _make_classifier(
-                self.classifier.model,
-                MarginLoss(),
-                tuple(self.classifier.input_shape),
-                self.nb_classes,
-                self.device,
-            )
+            self._margin = self.classifier_with(MarginLoss())
             # Same model, same logits: the margin classifier shares the memo.
             self._margin.logit_memo = self.classifier.logit_memo
         return self._margin
 
 
-def _generate(ctx: _Context, attack: Any, x: np.ndarray, y: np.ndarray) -> Outcome:
-    """``attack.generate`` on ``(x, y)``, then one predict to score the result."""
+def _generate(
+    ctx: _Context, attack: Any, x: np.ndarray, y: np.ndarray, target: np.ndarray | None = None
+) -> Outcome:
+    """``attack.generate`` on ``x`` (towards ``target`` if given), scored against ``y``."""
     # Index labels are fine here: ART turns numpy index labels into one-hot itself (only the
     # torch-tensor path of loss_gradient chokes on index labels).
-    x_adv = np.asarray(attack.generate(x=x, y=y), dtype=np.float32)
+    x_adv = np.asarray(attack.generate(x=x, y=y if target is None else target), dtype=np.float32)
     return x_adv, ctx.correct(x_adv, y)
+
+
+def _on_survivors(x: np.ndarray, stages: Iterable[Callable[[np.ndarray], Outcome]]) -> Outcome:
+    """Per-example worst case of ``stages``, each run on the examples no earlier stage broke.
+
+    A stage gets the indices of the still-robust rows of ``x`` and returns their outcome;
+    survivors keep the last input tried on them (classified correctly, inside the ball).
+    """
+    x_out = x.copy()
+    robust = np.ones(x.shape[0], dtype=bool)
+    for stage in stages:
+        todo = np.flatnonzero(robust)
+        if todo.size == 0:
+            break
+        x_adv, still = stage(todo)
+        x_out[todo] = x_adv
+        robust[todo] = still
+    return x_out, robust
 
 
 # ------------------------------------------------------------------------------------------
@@ -390,26 +414,13 @@ def apgd_dlr_runner(max_iter: int = 100, max_targets: int = 9) -> AttackRunner:
         k = min(max_targets, ctx.nb_classes - 1)
         targets = dlr_targets(ctx.logits(x), y, k)
         attack = _apgd(ctx, max_iter, targeted=True, loss_type="difference_logits_ratio")
-        x_out = x.copy()
-        robust = np.ones(x.shape[0], dtype=bool)
-        for rank in range(k):
-            todo = np.flatnonzero(robust)
-            if todo.size == 0:
-                break
-            x_adv, still = _generate_targeted(ctx, attack, x[todo], y[todo], targets[todo, rank])
-            x_out[todo] = x_adv
-            robust[todo] = still
-        return x_out, robust
+
+        def towards(rank: int) -> Callable[[np.ndarray], Outcome]:
+            return lambda todo: _generate(ctx, attack, x[todo], y[todo], targets[todo, rank])
+
+        return _on_survivors(x, (towards(rank) for rank in range(k)))
 
     return run
-
-
-def _generate_targeted(
-    ctx: _Context, attack: Any, x: np.ndarray, y: np.ndarray, target: np.ndarray
-) -> Outcome:
-    """A targeted ``generate`` towards ``target``, scored against the true labels ``y``."""
-    x_adv = np.asarray(attack.generate(x=x, y=target), dtype=np.float32)
-    return x_adv, ctx.correct(x_adv, y)
 
 
 class LogitMemo:
@@ -479,15 +490,7 @@ def square_runner(max_iter: int = 5000, *, memo: bool = True) -> AttackRunner:
 
         if x.ndim != 4:
             raise ValueError(f"square needs image inputs (N, C, H, W), got shape {tuple(x.shape)}")
-        estimator = ctx.classifier
-        if not memo:
-            estimator = _make_classifier(
-                ctx.classifier.model,
-                nn.CrossEntropyLoss(),
-                tuple(ctx.classifier.input_shape),
-                ctx.nb_classes,
-                ctx.device,
-            )
+        estimator = ctx.classifier if memo else ctx.classifier_with(nn.CrossEntropyLoss())
 
         def margin(x_rows: np.ndarray, y_rows: np.ndarray) -> np.ndarray:
             logits = estimator.predict(x_rows, batch_size=ctx.batch_size)
@@ -542,25 +545,21 @@ def cw_l2_runner(binary_search_steps: int = 10, max_iter: int = 10) -> AttackRun
 
 def _autoattack_art(ctx: _Context, x: np.ndarray, y: np.ndarray) -> Outcome:
     """``AUTOATTACK_ART_PARTS`` in order, each on the survivors of the previous ones."""
-    x_out = x.copy()
-    robust = np.ones(x.shape[0], dtype=bool)
-    for name in AUTOATTACK_ART_PARTS:
-        todo = np.flatnonzero(robust)
-        if todo.size == 0:
-            break
-        if todo.size == x.shape[0]:
-            # Nothing broken yet: these are all the clean-correct examples, the same inputs a
-            # standalone entry sees, so its cached outcome (if any) is exactly this stage.
-            x_adv, still = _run_full(ctx, name, x, y)
-        else:
+
+    def stage(name: str) -> Callable[[np.ndarray], Outcome]:
+        def run(todo: np.ndarray) -> Outcome:
+            if todo.size == x.shape[0]:
+                # Nothing broken yet: these are all the clean-correct examples, the same inputs
+                # a standalone entry sees, so its cached outcome (if any) is exactly this stage.
+                return _run_full(ctx, name, x, y)
             runner = ATTACK_ENTRIES[name].run
             assert runner is not None
             _seed(ctx.seed)
-            x_adv, still = runner(ctx, x[todo], y[todo])
-        # Survivors keep the last input tried on them (classified correctly, inside the ball).
-        x_out[todo] = x_adv
-        robust[todo] = still
-    return x_out, robust
+            return runner(ctx, x[todo], y[todo])
+
+        return run
+
+    return _on_survivors(x, (stage(name) for name in AUTOATTACK_ART_PARTS))
 
 
 def _load_autoattack() -> Any:
@@ -847,9 +846,11 @@ def _classifier_type() -> type:
             per_example = isinstance(label, (list, np.ndarray)) and len(label) == len(x)
             if not per_example or self.is_rnn or not self.all_framework_preprocessing:
                 return super().class_gradient(x, label=label, training_mode=training_mode, **kwargs)
-            labels = torch.as_tensor(np.asarray(label), dtype=torch.int64, device=self._device)
-            if labels.dim() != 1 or bool(((labels < 0) | (labels >= self.nb_classes)).any()):
+            label_np = np.asarray(label, dtype=np.int64)
+            # Checked on the host: a check on the device tensor would sync on every call.
+            if label_np.ndim != 1 or ((label_np < 0) | (label_np >= self.nb_classes)).any():
                 raise ValueError(f"Label {label} is out of range.")
+            labels = torch.as_tensor(label_np, dtype=torch.int64, device=self._device)
             self._model.train(mode=training_mode)
             x_grad = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(self._device)
             x_grad.requires_grad_(True)

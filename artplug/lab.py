@@ -687,11 +687,6 @@ def split_values(text: str) -> list[str]:
     return values
 
 
-def _key_path(key: str) -> str:
-    # loss[0].beta and loss.0.beta name the same value (as in --set).
-    return ".".join(p for p in key.replace("[", ".").replace("]", "").split(".") if p)
-
-
 def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
     """``--grid KEY=V1,V2`` options as ``{key: [value text, ...]}``, in the order given.
 
@@ -699,11 +694,14 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[str]]:
     malformed option, an empty value, a key given twice, a value repeated within a key, or a
     ``tracking.*`` key (a sweep's runs share one experiment and store).
     """
+    from artplug.recipe import _split_key
+
     grid: dict[str, list[str]] = {}
     problems: list[str] = []
     for spec in specs:
         key, sep, text = spec.partition("=")
-        key = _key_path(key.strip())
+        # loss[0].beta and loss.0.beta name the same value (as in --set).
+        key = ".".join(_split_key(key.strip()))
         if not sep or not key:
             problems.append(f"--grid {spec}: expected KEY=V1,V2,..., e.g. optim.lr=0.05,0.1")
             continue

@@ -17,10 +17,36 @@ from artplug.kinds import Threat
 _TINY = 1e-12
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def full_precision(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is float16 or bfloat16 (AMP), else unchanged.
+
+    For losses and saliencies on AMP outputs: scaling, log-softmax differences and small
+    corrections lose most of their digits in half precision, while float64 inputs (tests) keep
+    theirs.
+    """
+    return t.float() if t.dtype in _HALF_DTYPES else t
+
+
 def _per_example_l2(t: Tensor) -> Tensor:
     """L2 norm of each example, shaped to broadcast against ``t``."""
     norms = t.flatten(1).norm(p=2, dim=1)
     return norms.view(-1, *([1] * (t.dim() - 1)))
+
+
+def project_ball(delta: Tensor, threat: Threat) -> Tensor:
+    """Project the perturbation ``delta`` onto ``threat``'s ball around the origin.
+
+    L-inf: clip every coordinate to [-eps, eps]. L2: rescale each example that lies outside
+    onto the sphere of radius eps. No [0, 1] clip (use :func:`project` for points): for a
+    perturbation kept across batches (FreeAT's δ) the box depends on the batch it is added to.
+    """
+    if threat.norm == "linf":
+        return delta.clamp(-threat.eps, threat.eps)
+    factor = (threat.eps / (_per_example_l2(delta) + _TINY)).clamp(max=1.0)
+    return delta * factor
 
 
 def project(x_adv: Tensor, x: Tensor, threat: Threat) -> Tensor:
@@ -29,13 +55,7 @@ def project(x_adv: Tensor, x: Tensor, threat: Threat) -> Tensor:
     Clipping after the projection keeps the point inside the ball: since ``x`` is in [0, 1],
     clipping only moves coordinates towards ``x``.
     """
-    delta = x_adv - x
-    if threat.norm == "linf":
-        delta = delta.clamp(-threat.eps, threat.eps)
-    else:
-        factor = (threat.eps / (_per_example_l2(delta) + _TINY)).clamp(max=1.0)
-        delta = delta * factor
-    return (x + delta).clamp(0.0, 1.0)
+    return (x + project_ball(x_adv - x, threat)).clamp(0.0, 1.0)
 
 
 def random_start(x: Tensor, threat: Threat) -> Tensor:

@@ -21,10 +21,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Literal
+from typing import Literal, get_args
 
 Phase = Literal["attack", "update-clean", "update-adv", "update", "eval"]
-PHASES: tuple[Phase, ...] = ("attack", "update-clean", "update-adv", "update", "eval")
+PHASES: tuple[Phase, ...] = get_args(Phase)
 
 _current: ContextVar[Phase] = ContextVar("artplug_phase", default="eval")
 

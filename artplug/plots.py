@@ -99,11 +99,16 @@ def steps_per_epoch(records: Iterable[Mapping[str, float]]) -> float | None:
     return None
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float, *, dpi: int = _DPI) -> Figure:
+    """A matplotlib figure of ``width`` x ``height`` inches on its own Agg canvas (no pyplot).
+
+    The shared set-up of every artplug plot (this module's and :mod:`artplug.curves`');
+    raises ImportError without matplotlib.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=_DPI)
+    figure = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(figure)
     return figure
 
@@ -137,7 +142,7 @@ def plot_training_curves(
 ) -> Path | None:
     """Draw :func:`training_curves_figure` as a PNG at ``path``; ``None`` (no file) without data."""
     figure = training_curves_figure(records, title=title)
-    return None if figure is None else _save(figure, path)
+    return None if figure is None else save_figure(figure, path)
 
 
 def training_curves_figure(records: Sequence[Mapping[str, float]], *, title: str) -> Figure | None:
@@ -158,7 +163,7 @@ def training_curves_figure(records: Sequence[Mapping[str, float]], *, title: str
     if "train/loss" not in series:
         return None
     per_epoch = steps_per_epoch(records)
-    figure = _new_figure(2 * _PANEL_WIDTH, _PANEL_HEIGHT)
+    figure = new_figure(2 * _PANEL_WIDTH, _PANEL_HEIGHT)
     loss, accuracy = figure.subplots(1, 2)
 
     _draw(loss, series["train/loss"], per_epoch, label="train loss (window)", lw=0.8, alpha=0.6)
@@ -209,7 +214,7 @@ def plot_schedules(
 ) -> Path | None:
     """Draw :func:`schedules_figure` as a PNG at ``path``; ``None`` (no file) without data."""
     figure = schedules_figure(records, title=title)
-    return None if figure is None else _save(figure, path)
+    return None if figure is None else save_figure(figure, path)
 
 
 def schedules_figure(records: Sequence[Mapping[str, float]], *, title: str) -> Figure | None:
@@ -225,7 +230,7 @@ def schedules_figure(records: Sequence[Mapping[str, float]], *, title: str) -> F
         k for k in series if k.startswith("knob/")
     )
     per_epoch = steps_per_epoch(records)
-    figure = _new_figure(_PANEL_WIDTH + 1.0, 0.6 + _SCHEDULE_PANEL_HEIGHT * len(keys))
+    figure = new_figure(_PANEL_WIDTH + 1.0, 0.6 + _SCHEDULE_PANEL_HEIGHT * len(keys))
     panels = figure.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
     for axes, key in zip(panels, keys, strict=True):
         label = "learning rate" if key == "train/lr" else key.removeprefix("knob/")
@@ -242,7 +247,8 @@ def schedules_figure(records: Sequence[Mapping[str, float]], *, title: str) -> F
     return figure
 
 
-def _save(figure: Figure, path: str | Path) -> Path:
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write ``figure`` as a PNG at ``path`` (creating its folder); return the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, format="png")

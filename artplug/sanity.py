@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from artplug.evaluate import _resolve_device
 from artplug.kinds import Threat
 from artplug.ops import ascent_step, project, random_start
 
@@ -208,7 +209,7 @@ def run_sanity_gate(
 
     if black_box not in BLACK_BOX_ATTACKS:
         raise ValueError(f"black_box must be one of {BLACK_BOX_ATTACKS}, got {black_box!r}")
-    dev = device if device is not None else _model_device(model)
+    dev = _resolve_device(model, device)
     announce = on_check if on_check is not None else (lambda name: None)
     n = len(x)
     table_black_box = black_box == "square" and "square" in ATTACKS
@@ -304,12 +305,6 @@ def _pct(value: float) -> str:
     return f"{100.0 * value:.1f}%"
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
 def _batches(x: Tensor, y: Tensor, size: int) -> Iterator[tuple[Tensor, Tensor]]:
     for start in range(0, len(x), size):
         yield x[start : start + size], y[start : start + size]
@@ -335,7 +330,7 @@ def clean_accuracy(
     device: torch.device | None = None,
 ) -> float:
     """Accuracy of a plain torch forward in eval mode (what the engine computes)."""
-    dev = device if device is not None else _model_device(model)
+    dev = _resolve_device(model, device)
     correct = 0
     with _restored(model), torch.no_grad():
         model.eval()
@@ -364,7 +359,7 @@ def mode_pgd_accuracy(
     both classified correctly (in the same mode). The copy means that BatchNorm running
     statistics updated by train-mode forwards never reach ``model``.
     """
-    dev = device if device is not None else _model_device(model)
+    dev = _resolve_device(model, device)
     twin = copy.deepcopy(model).to(dev)
     for param in twin.parameters():
         param.requires_grad_(False)
@@ -439,7 +434,7 @@ def random_search_accuracy(
     query is one forward pass of the still-correct examples in eval mode; nothing is
     differentiated, so gradient masking cannot slow it down. Image inputs ``(N, C, H, W)`` only.
     """
-    dev = device if device is not None else _model_device(model)
+    dev = _resolve_device(model, device)
     correct = 0
     eps = float(threat.eps)
     generator = torch.Generator(device="cpu").manual_seed(seed)

@@ -4,7 +4,7 @@ Each twin runs end to end through artplug's engine (same seed, batch size, eps a
 budget; FreeAT's passes are divided by its replays) and is evaluated by artplug's own ART
 evaluation on the full digits test split. Wall time covers training and the final evaluation.
 
-    python benchmarks/digits_twins.py [--only he_pgd,pgd_at] [--format markdown|plain]
+    python benchmarks/digits_twins.py [--only he_pgd,pgd_at] [--dir recipes/digits]
 """
 
 from __future__ import annotations

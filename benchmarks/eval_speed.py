@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import NOISY_SPREAD, load_average, noisy_contenders, timed
 from torch import Tensor, nn
 
 from artplug import engine
@@ -57,8 +58,6 @@ ENTRY = "pgd-20"
 STEPS = 20
 AGREEMENT_POINTS = 0.5
 """Largest accepted difference between the two robust accuracies, in percentage points."""
-NOISY_SPREAD = 1.15
-"""Slowest / fastest run of one contender above which the timings are flagged as noisy."""
 
 
 @dataclass(frozen=True)
@@ -153,12 +152,6 @@ def train(s: Settings) -> tuple[nn.Module, Tensor, Tensor, torch.device]:
     return c.model, x, y, c.device
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock timers measure finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ------------------------------------------------------------------------------------------
 # The two contenders
 
@@ -203,24 +196,6 @@ def handwritten_pgd20(
     return robust / len(x)
 
 
-def timed(fn: Any, *args: Any) -> tuple[float, float]:
-    """``(seconds, result)`` of ``fn(*args)``, the device synchronised at both ends."""
-    device = args[-1]
-    synchronize(device)
-    started = time.perf_counter()
-    result = fn(*args)
-    synchronize(device)
-    return time.perf_counter() - started, result
-
-
-def _load_average() -> str:
-    """The 1-minute load average: other processes on the machine skew every timing."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:  # not available on this platform
-        return "n/a"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Train, time, print; 0 whatever the numbers, 2 for an unusable setup."""
     s = parse_args(argv)
@@ -251,17 +226,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(x)} test examples, batch {s.batch_size}, L-inf eps {s.eps:g}, step {s.eps / 4:g}, "
         f"seed {s.seed}, repeats {s.repeats}"
     )
-    print(f"  load average before warm-up: {_load_average()}")
+    print(f"  load average before warm-up: {load_average()}")
 
     contenders = {"artplug": artplug_pgd20, "hand-written": handwritten_pgd20}
     accuracy: dict[str, float] = {}
     for name, fn in contenders.items():  # warm-up: lazy init, ART import, allocator
-        accuracy[name] = timed(fn, model, x, y, s, device)[1]
+        accuracy[name] = timed(device, fn, model, x, y, s, device)[1]
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     order = list(contenders)
     for _ in range(s.repeats):
         for name in order:
-            elapsed, acc = timed(contenders[name], model, x, y, s, device)
+            elapsed, acc = timed(device, contenders[name], model, x, y, s, device)
             seconds[name].append(elapsed)
             if acc != accuracy[name]:
                 print(f"NOTE: {name} gave {100 * acc:.2f}% on a repeat (first {accuracy[name]})")
@@ -278,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<{width}}  {medians[name]:8.3f}  {len(x) / medians[name]:10.0f}  "
             f"{100 * accuracy[name]:9.2f}%  {runs}"
         )
-    print(f"load average after the runs: {_load_average()}")
-    noisy = [n for n, v in seconds.items() if max(v) > NOISY_SPREAD * min(v)]
+    print(f"load average after the runs: {load_average()}")
+    noisy = noisy_contenders(seconds)
     if noisy:
         print(
             f"NOTE: runs of {', '.join(noisy)} differ by more than {NOISY_SPREAD:g}x: another "

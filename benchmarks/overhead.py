@@ -37,7 +37,6 @@ import platform
 import pstats
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import NOISY_SPREAD, load_average, noisy_contenders, synchronize, timed
 from torch import Tensor, nn
 
 from artplug import engine
@@ -56,8 +56,6 @@ from artplug.recipe import resolve
 
 TARGET_RATIO = 1.05
 """The goal for median artplug time / median hand-written time on CPU."""
-NOISY_SPREAD = 1.15
-"""Slowest / fastest run of one contender above which the timings are flagged as noisy."""
 
 
 @dataclass(frozen=True)
@@ -118,12 +116,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, bool]:
 
 # ------------------------------------------------------------------------------------------
 # Shared helpers
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock timers measure finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def clean_accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> float:
@@ -232,11 +224,9 @@ class ArtplugContender:
 
     def run_epoch(self, epoch: int) -> None:
         """One epoch of the engine's loop, as ``engine.fit`` runs it (no eval, no checkpoint)."""
-        c = self.c
         self.step = engine.train_epoch(
-            c, epoch, self.step, meter=self.meter, on_window=_ignore_window
+            self.c, epoch, self.step, meter=self.meter, on_window=_ignore_window
         )
-        synchronize(c.device)
 
 
 def _ignore_window(window: dict[str, float], step: int) -> None:
@@ -329,7 +319,6 @@ class HandWrittenContender:
             step_size=s.step_size,
             steps=s.steps,
         )
-        synchronize(self.device)
 
 
 def _same_model(s: Settings, ref: ArtplugContender) -> nn.Module:
@@ -406,7 +395,6 @@ class ARTContender:
         # ART's epoch bar ignores verbose=False; writing it to a sink costs next to nothing.
         with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
             self.trainer.fit(self.x_np, self.y_np, nb_epochs=1, batch_size=self.s.batch_size)
-        synchronize(self.device)
 
 
 ART_NOT_ALIGNED = (
@@ -429,14 +417,6 @@ ART_NOT_ALIGNED = (
 Contender = ArtplugContender | HandWrittenContender | ARTContender
 
 
-def timed_epoch(contender: Contender, epoch: int, device: torch.device) -> float:
-    """Seconds for epoch ``epoch`` of ``contender``, continuing from its current state."""
-    synchronize(device)
-    started = time.perf_counter()
-    contender.run_epoch(epoch)  # ends with a device synchronize
-    return time.perf_counter() - started
-
-
 def timed_runs(contenders: list[Contender], epochs: int, device: torch.device) -> list[list[float]]:
     """One run of ``epochs`` epochs per contender from the common start; epoch seconds of each.
 
@@ -448,7 +428,8 @@ def timed_runs(contenders: list[Contender], epochs: int, device: torch.device) -
     seconds: list[list[float]] = [[] for _ in contenders]
     for epoch in range(epochs):
         for index, contender in enumerate(contenders):
-            seconds[index].append(timed_epoch(contender, epoch, device))
+            # Epoch ``epoch`` of ``contender``, continuing from its current state.
+            seconds[index].append(timed(device, contender.run_epoch, epoch)[0])
     return seconds
 
 
@@ -471,20 +452,13 @@ def profile_artplug(contender: ArtplugContender) -> None:
     profiler = cProfile.Profile()
     profiler.enable()
     contender.run_epoch(0)
+    synchronize(contender.c.device)
     profiler.disable()
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out).strip_dirs().sort_stats("tottime")
     stats.print_stats(25)
     print("\ncProfile of one artplug epoch (sorted by own time):")
     print(out.getvalue())
-
-
-def _load_average() -> str:
-    """The 1-minute load average: other processes on the machine skew every timing."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:  # not available on this platform
-        return "n/a"
 
 
 def _fmt_row(cells: list[str], widths: list[int]) -> str:
@@ -535,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  SGD lr {s.lr:g} momentum {s.momentum:g} weight_decay {s.weight_decay:g}  "
         f"constant LR  artplug log_every {artplug_c.c.recipe.run.log_every}"
     )
-    print(f"  load average before warm-up: {_load_average()}")
+    print(f"  load average before warm-up: {load_average()}")
 
     # Warm-up: one untimed epoch each (torch lazy init, ART's first-call costs, allocator).
     timed_runs(contenders, 1, device)
@@ -582,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     print(_fmt_row(headers, widths))
     for row in rows:
         print(_fmt_row(row, widths))
-    print(f"load average after the runs: {_load_average()}")
-    noisy = [name for name, values in times.items() if max(values) > NOISY_SPREAD * min(values)]
+    print(f"load average after the runs: {load_average()}")
+    noisy = noisy_contenders(times)
     if noisy:
         print(
             f"NOTE: runs of {', '.join(noisy)} differ by more than {NOISY_SPREAD:g}x: another "

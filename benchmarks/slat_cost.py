@@ -38,11 +38,11 @@ import os
 import platform
 import statistics
 import sys
-import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from _common import NOISY_SPREAD, load_average, noisy_contenders, timed
 from torch import Tensor
 
 from artplug import engine
@@ -56,8 +56,6 @@ EXPECTED = (1.0, 1.2)
 SETUPS = ("digits", "preact32")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
-NOISY_SPREAD = 1.15
-"""Slowest / fastest run of one contender above which the timings are flagged as noisy."""
 LR = 0.01  # small and constant: the timing must not depend on a schedule or a divergence
 
 
@@ -143,12 +141,6 @@ def recipe_dict(s: Settings, slat: bool, device: str) -> dict[str, Any]:
     }
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock timers measure finished work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Contender:
     """One technique's components and a fixed batch; ``run`` times ``steps`` train steps."""
 
@@ -160,15 +152,13 @@ class Contender:
 
     def run(self, steps: int) -> float:
         """Seconds for ``steps`` consecutive ``engine.train_step`` calls on the fixed batch."""
-        device = self.c.device
-        synchronize(device)
-        started = time.perf_counter()
+        return timed(self.c.device, self._train_steps, steps)[0]
+
+    def _train_steps(self, steps: int) -> None:
         for _ in range(steps):
             progress = Progress(epoch=0, step=self.step, steps_per_epoch=10**6, total_steps=10**6)
             engine.train_step(self.c, self.x, self.y, progress)
             self.step += 1
-        synchronize(device)
-        return time.perf_counter() - started
 
     def forwards_per_step(self) -> int:
         """Model forwards in one (untimed) step: both contenders should do two."""
@@ -235,13 +225,6 @@ def time_pair(s: Settings, pair: tuple[Contender, Contender]) -> dict[str, list[
     return times
 
 
-def _load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:  # not available on this platform
-        return "n/a"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Time every setup on every device; print one row each and the SLAT / FGSM-RS ratios."""
     s = parse_args(argv)
@@ -254,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  batch {s.batch_size}  steps/run {s.steps}  repeats {s.repeats}  warm-up {s.warmup}"
         f"  linf eps {s.eps:.4g}  SGD lr {LR} constant  attack in train mode"
     )
-    print(f"  load average before: {_load_average()}")
+    print(f"  load average before: {load_average()}")
     headers = ["setup", "device", "amp", "fwd/step", "slat s/step", "fgsm-rs s/step", "ratio"]
     headers += ["paired", "slat runs (s)", "fgsm-rs runs (s)"]
     rows = []
@@ -272,11 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 a / b for a, b in zip(times["slat"], times["fgsm-rs"], strict=True)
             )
             ratios.append((setup, device_name, ratio))
-            noisy += [
-                f"{name} ({setup}, {device_name})"
-                for name, runs in times.items()
-                if max(runs) > NOISY_SPREAD * min(runs)
-            ]
+            noisy += [f"{name} ({setup}, {device_name})" for name in noisy_contenders(times)]
             amp = str(slat.c.amp_dtype).removeprefix("torch.") if slat.c.amp_dtype else "off"
             rows.append(
                 [
@@ -301,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
             )
         )
-    print(f"load average after: {_load_average()}")
+    print(f"load average after: {load_average()}")
     if noisy:
         print(
             f"NOTE: runs of {', '.join(noisy)} differ by more than {NOISY_SPREAD:g}x: another "

@@ -44,7 +44,6 @@ from torch import Tensor, nn
 
 import artplug
 
-_HALF = (torch.float16, torch.bfloat16)
 Weighting = Literal["own-share", "ratio", "misclassified"]
 _UPDATE_PHASES = ("update-clean", "update-adv", "update")
 # Loss terms whose job the adaptive-logit-pairing term already does (stacking double counts).
@@ -221,9 +220,6 @@ class GuidedDropout(nn.Module):
                     "guided-dropout (rule = 'contribution') needs a final layer with a "
                     f"(num_classes, {phi.shape[1]}) weight"
                 )
-            predicted = head(phi).argmax(dim=1)
-            # |φ_j · W_ŷj|: the magnitude of unit j's term in the predicted class's logit.
-            contribution = (phi.float() * weight.detach()[predicted].float()).abs()
             units = phi.shape[1]
             keep = kept_count(self.q, units)
             pool = units - keep
@@ -231,6 +227,9 @@ class GuidedDropout(nn.Module):
             mask = torch.ones_like(phi)
             if drop == 0:
                 return mask
+            predicted = head(phi).argmax(dim=1)
+            # |φ_j · W_ŷj|: the magnitude of unit j's term in the predicted class's logit.
+            contribution = (phi.float() * weight.detach()[predicted].float()).abs()
             # One stable sort gives disjoint protected and droppable sets even with ties
             # (post-ReLU features have many exact zeros).
             order = contribution.argsort(dim=1, descending=True, stable=True)
@@ -468,10 +467,7 @@ def per_sample_terms(
     margin loss of each pass) and ``lp_i = (1/K)‖z_i − z'_i‖²`` on the raw outputs (cosines
     under HE, never scaled). Gradients flow through both passes.
     """
-    if clean.dtype in _HALF:
-        clean = clean.float()
-    if adv.dtype in _HALF:
-        adv = adv.float()
+    clean, adv = artplug.full_precision(clean), artplug.full_precision(adv)
     shift = float(margin) * F.one_hot(y, clean.shape[1]).to(clean.dtype)
     smoothing = float(label_smoothing)
     ce_clean = F.cross_entropy(

@@ -137,7 +137,8 @@ class FreeAT:
         threat = state.threat
         step_size = threat.eps if self.params.step_size is None else float(self.params.step_size)
         old = delta[:n]
-        new = _project_ball(old + artplug.ascent_step(grad, step_size, threat.norm), threat)
+        # The ball only, no [0, 1] box: δ is shared by batches, each clipped in generate().
+        new = artplug.project_ball(old + artplug.ascent_step(grad, step_size, threat.norm), threat)
         # An overflowing fp16 step (the scaler will skip it) must not poison δ with NaN;
         # torch.where keeps the decision on the device (no host sync).
         new = torch.where(torch.isfinite(grad).all(), new, old)
@@ -152,14 +153,6 @@ class FreeAT:
         """Restore δ; it moves to the batch's device and dtype at the next call."""
         delta = state.get("delta")
         self._delta = None if delta is None else delta.detach().clone()
-
-
-def _project_ball(delta: Tensor, threat: artplug.Threat) -> Tensor:
-    """Project ``delta`` onto the origin-centred ``threat`` ball (no [0, 1] box: δ is shared)."""
-    if threat.norm == "linf":
-        return delta.clamp(-threat.eps, threat.eps)
-    norms = delta.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (delta.dim() - 1)))
-    return delta * (threat.eps / norms.clamp_min(1e-12)).clamp(max=1.0)
 
 
 @artplug.hookimpl

@@ -52,7 +52,6 @@ import artplug
 # Lower bound of a norm before dividing by it: a zero feature vector (all post-ReLU features
 # zero) or a zero weight row gives a zero output instead of NaN.
 _EPS = 1e-12
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _unit_rows(t: Tensor, eps: float = _EPS) -> Tensor:
@@ -61,7 +60,7 @@ def _unit_rows(t: Tensor, eps: float = _EPS) -> Tensor:
     Half-precision inputs are normalised in float32: ``eps`` underflows to zero in float16, and
     the norm of a long bf16 vector loses digits.
     """
-    work = t.float() if t.dtype in _HALF else t
+    work = artplug.full_precision(t)
     return F.normalize(work, p=2.0, dim=1, eps=eps).to(t.dtype)
 
 
@@ -258,9 +257,8 @@ class HEMargin:
                 f"he-margin (on={params.on!r}) was called without logits_{params.on}; "
                 f"the engine must run the forward passes listed in needs={sorted(self.needs)}"
             )
-        if cosines.dtype in _HALF:
-            # s·(cos − m) in bf16 would round the logits by up to ~s/256 before the softmax.
-            cosines = cosines.float()
+        # s·(cos − m) in bf16 would round the logits by up to ~s/256 before the softmax.
+        cosines = artplug.full_precision(cosines)
         scale = artplug.logit_scale(state.model)
         # Knob values arrive as plain floats; float() also covers a validated Params value.
         margin = float(params.m) * F.one_hot(out.y, cosines.shape[1]).to(cosines.dtype)

@@ -161,7 +161,7 @@ class PGD:
         steps: int,
         step_size: float,
         random_start: bool,
-        targeted: bool = False,
+        targeted: bool,
     ) -> Tensor:
         """One PGD run of ``steps`` projected ascent steps; returns a detached tensor.
 
@@ -175,23 +175,15 @@ class PGD:
             # reduction="sum": each example's input gradient is its own loss's gradient,
             # independent of the batch size (and not shrunk by 1/N, which could underflow
             # under fp16 autocast).
-            return F.cross_entropy(scale * outputs, y, reduction="sum")
-
-        def targeted_objective(outputs: Tensor) -> Tensor:
-            return -F.cross_entropy(scale * outputs, y, reduction="sum")
+            loss = F.cross_entropy(scale * outputs, y, reduction="sum")
+            return -loss if targeted else loss
 
         return artplug.projected_ascent(
-            model,
-            x,
-            start,
-            threat,
-            targeted_objective if targeted else objective,
-            steps=steps,
-            step_size=step_size,
+            model, x, start, threat, objective, steps=steps, step_size=step_size
         )
 
 
-def _per_example_loss(model: nn.Module, x_adv: Tensor, y: Tensor, targeted: bool = False) -> Tensor:
+def _per_example_loss(model: nn.Module, x_adv: Tensor, y: Tensor, targeted: bool) -> Tensor:
     """The attack objective of each example at ``x_adv`` (no graph kept), to rank restarts.
 
     Cross-entropy to ``y``; its negation when the attack is targeted (``y`` = the targets), so

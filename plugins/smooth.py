@@ -55,7 +55,6 @@ import artplug
 Activation = Literal["silu", "gelu", "softplus", "elu", "mish", "smoothrelu"]
 Scope = Literal["attack", "update", "both"]
 
-_HALF = (torch.float16, torch.bfloat16)
 # Lower bound of β = b² before dividing by it, so that b = 0 gives 0 instead of NaN.
 _MIN_BETA = 1e-12
 # Perturbations without a separate attack pass: "none" has no attack, and FreeAT's step comes
@@ -92,7 +91,7 @@ class SmoothReLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply SmoothReLU elementwise (half-precision inputs are computed in float32)."""
         # x − log1p(β x)/β cancels for small β x; in bf16 the correction would drown in round-off.
-        work = x.float() if x.dtype in _HALF else x
+        work = artplug.full_precision(x)
         beta = self.b.square().clamp_min(_MIN_BETA).to(work.dtype)
         # relu(x − log1p(β|x|)/β) written on relu(x): equal everywhere (both sides are 0 for
         # x ≤ 0, since log1p(βu)/β ≤ u), and no |x| kink to differentiate through.
@@ -203,11 +202,6 @@ def _redirect_later_uses(graph: fx.Graph, source: fx.Node, after: fx.Node, new: 
     return len(later)
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
-    """``fx.symbolic_trace(model)``: a GraphModule named after the model's class."""
-    return fx.symbolic_trace(model)
-
-
 def _same_graph_in_both_modes(model: nn.Module) -> bool:
     """Whether tracing in train mode and in eval mode gives the same code.
 
@@ -217,7 +211,7 @@ def _same_graph_in_both_modes(model: nn.Module) -> bool:
     """
     was_training = model.training
     try:
-        codes = {_trace(model.train(mode)).code for mode in (True, False)}
+        codes = {fx.symbolic_trace(model.train(mode)).code for mode in (True, False)}
     finally:
         model.train(was_training)
     return len(codes) == 1
@@ -304,7 +298,7 @@ class SmoothActivation:
     Readings (techniques.md §5): the α of that study is [NOT FOUND] (recipes use 10); "attacker"
     = the ``"attack"`` phase, "optimizer" = the ``"update*"`` phases, evaluation always has the
     plain ReLU derivative; SmoothReLU's ``b`` (one per replaced module, init 20 as the official
-    code) is weight-decayed like every other artplug parameter unless frozen.
+    code) is never weight-decayed, as in the official code, and is frozen when not learnable.
 
     Must be the first ``[[transform]]`` (SAT → SLAT sites → AALP dropout → HE head), and may be
     listed once. After ``apply``, ``replaced_modules`` and ``replaced_calls`` count the swaps.
@@ -439,7 +433,7 @@ class SmoothActivation:
     def _replace_functional(self, model: nn.Module) -> nn.Module:
         """Step 1 of :meth:`apply`: rewrite functional ReLU calls through fx when there are any."""
         try:
-            traced = _trace(model)
+            traced = fx.symbolic_trace(model)
         except Exception as exc:  # fx raises many types for untraceable Python
             self._untraceable(model, f"{type(exc).__name__}: {exc}")
             return model

@@ -64,24 +64,20 @@ from typing import Literal, Self
 
 import torch
 import torch.nn.functional as F
+
+# The KL objective is trades-kl's own math, imported from the sibling module: the import does
+# not need the trades *plugin* (ARTPLUG_DISABLE_PLUGINS blocks registration, not imports).
+from artplug_plugins.trades import REFERENCE_STEP_RATIO, kl_attack_start, kl_terms
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 import artplug
 
-# TRADES' CIFAR-10 attack step: 0.007 at eps 0.031 (the trades-kl default rule).
-TRADES_STEP_RATIO = 0.007 / 0.031
 # Guards the division by a saliency map's maximum when the map is all zeros.
 _TINY = 1e-30
-_HALF = (torch.float16, torch.bfloat16)
 
 SaliencyOn = Literal["logit", "prob", "log_prob"]
 Reduce = Literal["min", "mean", "geomean"]
-
-
-def _full(t: Tensor) -> Tensor:
-    """``t`` in float32 when it is half precision (AMP), else unchanged."""
-    return t.float() if t.dtype in _HALF else t
 
 
 def _per_example_max(t: Tensor) -> Tensor:
@@ -96,7 +92,7 @@ def saliency_heads(outputs: Tensor, saliency_on: SaliencyOn, scale: float) -> Te
     per-class normalisation); ``"prob"``: ``softmax(scale · outputs)``; ``"log_prob"``:
     ``log_softmax(scale · outputs)``.
     """
-    outputs = _full(outputs)
+    outputs = artplug.full_precision(outputs)
     if saliency_on == "logit":
         return outputs
     if saliency_on == "prob":
@@ -304,17 +300,13 @@ class SPAT:
         if params.step_size is not None:
             step_size = float(params.step_size)
         elif kl:
-            step_size = threat.eps * TRADES_STEP_RATIO
+            step_size = threat.eps * REFERENCE_STEP_RATIO
         else:
             step_size = 2.5 * threat.eps / steps
         scale = artplug.attack_logit_scale(model)
         with torch.enable_grad():
             if kl:
-                with torch.no_grad():
-                    # The KL's target distribution, fixed for the whole attack.
-                    log_p = F.log_softmax(scale * _full(model(x)), dim=1)
-                noise = float(params.init_std) * torch.randn_like(x)
-                x_adv = artplug.project(x + noise, x, threat)
+                log_p, x_adv = kl_attack_start(model, x, threat, scale, float(params.init_std))
             elif bool(params.random_start):
                 x_adv = artplug.random_start(x, threat)
             else:
@@ -322,11 +314,9 @@ class SPAT:
             for _ in range(steps):
                 x_adv = x_adv.detach().requires_grad_(True)
                 outputs = model(x_adv)
-                logits = scale * _full(outputs)
+                logits = scale * artplug.full_precision(outputs)
                 if kl:
-                    # Σ p (log p − log q) with both logs from log_softmax, as trades-kl: finite,
-                    # with finite gradients, where a probability underflows to zero.
-                    objective = (log_p.exp() * (log_p - F.log_softmax(logits, dim=1))).sum(dim=1)
+                    objective = kl_terms(log_p, logits).sum(dim=1)
                 else:
                     objective = F.cross_entropy(logits, y, reduction="none")
                 heads = saliency_heads(outputs, params.saliency_on, scale)

@@ -49,27 +49,30 @@ import artplug
 REFERENCE_STEP_RATIO = 0.007 / 0.031
 
 
-_HALF = (torch.float16, torch.bfloat16)
+def kl_terms(log_p: Tensor, logits_q: Tensor) -> Tensor:
+    """The elementwise terms ``p (log p − log q)`` of ``KL(p ‖ softmax(logits_q))``, ``(N, K)``.
 
-
-def _full(t: Tensor) -> Tensor:
-    """``t`` in float32 when it is half precision (AMP), else unchanged.
-
-    Scaling bf16 outputs by ``s`` and subtracting log-probabilities in bf16 would lose most of
-    the KL's digits; float64 inputs (tests) keep their precision.
-    """
-    return t.float() if t.dtype in _HALF else t
-
-
-def _summed_kl(log_p: Tensor, logits_q: Tensor) -> Tensor:
-    """``Σ_i KL(p_i ‖ softmax(logits_q_i))`` over the batch, from ``log_p = log p``.
-
-    Written as ``Σ p (log p − log q)`` with both logarithms from ``log_softmax``: finite, and
+    Summed over the classes (``dim=1``) they are each example's KL, summed over everything the
+    batch's total. ``log_p = log p``; both logarithms come from ``log_softmax``: finite, and
     with finite gradients, even where a probability underflows to zero (``p · log p`` there is
     ``0 · finite``, unlike ``xlogy(p, p)`` whose gradient with respect to ``p`` is 0/0 at 0).
     """
-    log_q = F.log_softmax(logits_q, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum()
+    return log_p.exp() * (log_p - F.log_softmax(logits_q, dim=1))
+
+
+def kl_attack_start(
+    model: nn.Module, x: Tensor, threat: artplug.Threat, scale: float, init_std: float
+) -> tuple[Tensor, Tensor]:
+    """TRADES' attack setup: the fixed target ``log softmax(s · f(x))`` and the start.
+
+    The target is computed once, without a graph, in the caller's model mode; the start is
+    ``x + init_std · N(0, I)`` projected onto the ball and [0, 1] (the KL gradient vanishes at
+    ``x' = x``). Returns ``(log_p, start)``.
+    """
+    with torch.no_grad():
+        log_p = F.log_softmax(scale * artplug.full_precision(model(x)), dim=1)
+    start = artplug.project(x + init_std * torch.randn_like(x), x, threat)
+    return log_p, start
 
 
 class TradesKL:
@@ -128,15 +131,12 @@ class TradesKL:
             else float(params.step_size)
         )
         scale = artplug.attack_logit_scale(model)
-        with torch.no_grad():
-            # The target distribution, fixed for the whole attack.
-            log_p = F.log_softmax(scale * _full(model(x)), dim=1)
-        start = artplug.project(x + float(params.init_std) * torch.randn_like(x), x, threat)
+        log_p, start = kl_attack_start(model, x, threat, scale, float(params.init_std))
 
         def objective(outputs: Tensor) -> Tensor:
             # Sum over the batch (the reference's KLDivLoss(size_average=False)): each example's
             # input gradient is that of its own KL.
-            return _summed_kl(log_p, scale * _full(outputs))
+            return kl_terms(log_p, scale * artplug.full_precision(outputs)).sum()
 
         return artplug.projected_ascent(
             model, x, start, threat, objective, steps=steps, step_size=step_size
@@ -184,10 +184,10 @@ class TradesLoss:
                 "the forward passes listed in needs=['adv', 'clean']"
             )
         scale = artplug.logit_scale(state.model)
-        clean = scale * _full(out.logits_clean)
-        adv = scale * _full(out.logits_adv)
+        clean = scale * artplug.full_precision(out.logits_clean)
+        adv = scale * artplug.full_precision(out.logits_adv)
         # Not detached: the KL's gradient reaches the clean forward too, as in the reference.
-        kl = _summed_kl(F.log_softmax(clean, dim=1), adv) / clean.shape[0]
+        kl = kl_terms(F.log_softmax(clean, dim=1), adv).sum() / clean.shape[0]
         robust = float(params.beta) * kl
         if not bool(params.natural):
             return robust
