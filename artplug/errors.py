@@ -42,3 +42,35 @@ class DataError(ArtplugError):
 
 class CheckpointError(ArtplugError):
     """A checkpoint file is missing, unreadable or does not match the recipe."""
+
+
+class DivergenceError(ArtplugError):
+    """Training diverged: a non-finite loss or non-finite weights (exit code 3).
+
+    Raised at the logging cadence (the window read that is already the step's one host sync) and
+    at the end of every epoch. ``step`` is the global step at which it was seen, ``terms`` the
+    recipe ids of the loss terms whose window average was not finite, ``checkpoint`` the last
+    checkpoint whose training was all finite (``None`` when none was written yet).
+    """
+
+    exit_code = 3
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int,
+        terms: Sequence[str] = (),
+        checkpoint: str | None = None,
+    ) -> None:
+        self.step = step
+        self.terms = list(terms)
+        self.checkpoint = checkpoint
+        super().__init__(message)
+
+
+class ResumeError(ArtplugError):
+    """``artplug resume`` refused to continue: the run is finished or the checkpoint is old.
+
+    Continuing would overwrite the results of the run folder; ``--fork`` starts a new run.
+    """

@@ -107,6 +107,12 @@ one forward pass; ``K`` the number of classes.
     model, for numbers comparable with RobustBench. Without the package, asking for it raises
     :class:`~artplug.errors.ArtplugError` before any attack runs.
 
+Reporting: :func:`format_table` ends the printed table with :func:`summary_lines`, the strongest
+single attack and the worst case over the attacks run, plus :data:`PGD_ONLY_NOTE` when every
+attack was FGSM/PGD (:data:`PGD_FAMILY`); :func:`robustness_summary` gives the same for
+``eval.json``. Which entries a run uses by default (``[eval] final_attacks``) is decided in
+:mod:`artplug.recipe`, not here.
+
 Importing this module must not import ART or mlflow (``artplug validate`` reads :data:`ATTACKS`
 and must stay light): ART is imported inside the functions that need it.
 """
@@ -1096,8 +1102,98 @@ def evaluate(
     return accuracy
 
 
-def format_table(results: Mapping[str, float], title: str | None = None) -> str:
-    """A small aligned plain-text table of ``results`` (entry name | accuracy in percent)."""
+PGD_FAMILY: frozenset[str] = frozenset({"fgsm", "pgd-20", "pgd-50", "pgd-20-cw", "pgd-50-cw"})
+"""Entries that are fixed-step gradient attacks (FGSM/PGD): a suite made only of these (and
+``clean``) gets a warning line, since PGD alone overstates robustness, most of all for cosine
+heads (hypersphere embedding), whose cross-entropy gradient is weak."""
+
+PGD_ONLY_NOTE = (
+    "note: only PGD was run; PGD alone overstates robustness (esp. cosine heads); "
+    "add apgd-ce and apgd-dlr"
+)
+"""The line printed under the table when every attack run belongs to :data:`PGD_FAMILY`."""
+
+_NOT_ATTACKS = ("clean", "worst")
+
+
+def robustness_summary(results: Mapping[str, float]) -> dict[str, Any]:
+    """The strongest single attack and the worst case of ``results`` (name -> accuracy).
+
+    Returns ``{"strongest": {"attack", "accuracy"} | None, "worst": {"accuracy", "attacks"} |
+    None, "pgd_only": bool}``: ``strongest`` is the attack (not ``clean``/``worst``) with the
+    lowest accuracy, the first one on ties; ``worst`` is ``results["worst"]`` (the per-example
+    worst case over the attacks) or, with a single attack, that attack's accuracy (its robust
+    mask is already inside the clean one), ``None`` for several attacks without ``worst``;
+    both are ``None`` when no attack ran. ``pgd_only``
+    is True when at least one attack ran and every one is in :data:`PGD_FAMILY`.
+    """
+    attacks = [name for name in results if name not in _NOT_ATTACKS]
+    if not attacks:
+        return {"strongest": None, "worst": None, "pgd_only": False}
+    strongest = min(attacks, key=lambda name: results[name])  # min keeps the first on ties
+    # Without a per-example ``worst`` (results of :func:`evaluate`), several attacks' worst case
+    # is unknown: the strongest one's accuracy is only an upper bound, so none is claimed.
+    worst = results.get("worst", results[strongest] if len(attacks) == 1 else None)
+    return {
+        "strongest": {"attack": strongest, "accuracy": float(results[strongest])},
+        "worst": None if worst is None else {"accuracy": float(worst), "attacks": attacks},
+        "pgd_only": all(name in PGD_FAMILY for name in attacks),
+    }
+
+
+def summary_lines(results: Mapping[str, float]) -> list[str]:
+    """The lines printed under the accuracy table (see :func:`robustness_summary`).
+
+    ``strongest single attack: apgd-dlr (41.20%); worst case over 3 attacks: 40.80%`` when
+    several attacks ran (only the first part for one), then :data:`PGD_ONLY_NOTE` when every
+    attack was FGSM/PGD; nothing when only ``clean`` ran.
+    """
+    summary = robustness_summary(results)
+    strongest, worst = summary["strongest"], summary["worst"]
+    if strongest is None:
+        return []
+    line = f"strongest single attack: {strongest['attack']} ({100 * strongest['accuracy']:.2f}%)"
+    if worst is not None and len(worst["attacks"]) > 1:
+        count, accuracy = len(worst["attacks"]), 100 * worst["accuracy"]
+        line += f"; worst case over {count} attacks: {accuracy:.2f}%"
+    return [line, PGD_ONLY_NOTE] if summary["pgd_only"] else [line]
+
+
+def eps_text(eps: float) -> str:
+    """``eps`` for a title: ``0.03137 (8/255)`` when it is k/255 for a small k, else ``0.2``."""
+    k = round(eps * 255)
+    # Only small k: 0.2 is 51/255 too, but nobody writes a digits radius that way.
+    if 1 <= k <= 32 and abs(eps * 255 - k) < 1e-6:
+        return f"{eps:.4g} ({k}/255)"
+    return f"{eps:.4g}"
+
+
+def table_title(
+    norm: str, eps: float, n_examples: int, n_total: int, train_eps: float | None = None
+) -> str:
+    """The title of the final accuracy table: threat, evaluation eps, training eps and subset.
+
+    E.g. ``Test accuracy (linf, eps=0.03137 (8/255); trained at eps=0.031; first 1000 of 10000
+    test examples, in order)``; the training eps is left out when it equals the evaluation's.
+    """
+    parts = [f"{norm}, eps={eps_text(eps)}"]
+    if train_eps is not None and train_eps != eps:
+        parts.append(f"trained at eps={eps_text(train_eps)}")
+    if n_examples >= n_total:
+        parts.append(f"all {n_total} test examples")
+    else:
+        parts.append(f"first {n_examples} of {n_total} test examples, in order")
+    return f"Test accuracy ({'; '.join(parts)})"
+
+
+def format_table(
+    results: Mapping[str, float], title: str | None = None, *, summary: bool = True
+) -> str:
+    """A small aligned plain-text table of ``results`` (entry name | accuracy in percent).
+
+    With ``summary`` (the default), the lines of :func:`summary_lines` follow the table: the
+    strongest single attack, the worst case, and a note when only PGD was run.
+    """
     header = ("attack", "accuracy")
     rows = [(name, f"{100.0 * acc:.2f}%") for name, acc in results.items()]
     width_name = max(len(header[0]), *(len(name) for name, _ in rows)) if rows else len(header[0])
@@ -1106,4 +1202,6 @@ def format_table(results: Mapping[str, float], title: str | None = None) -> str:
     lines.append(f"{header[0]:<{width_name}} | {header[1]:>{width_acc}}")
     lines.append(f"{'-' * width_name}-+-{'-' * width_acc}")
     lines.extend(f"{name:<{width_name}} | {acc:>{width_acc}}" for name, acc in rows)
+    if summary:
+        lines.extend(summary_lines(results))
     return "\n".join(lines)

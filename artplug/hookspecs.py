@@ -7,9 +7,11 @@ technique classes (or CLI commands), and is never called during training. Shared
   run before any recipe is resolved, ``register_commands`` when the CLI is built.
 - **Result**: collect-all; none is ``firstresult``, historic or a wrapper; return values are
   ignored.
-- **Order** is irrelevant: registries are keyed by technique name and a duplicate name is a
-  :class:`~artplug.errors.PluginError` that names both plugins. Do not use ``tryfirst`` or
-  ``trylast``.
+- **Order** is irrelevant: registries are keyed by technique name, and names are settled after
+  every plugin has registered: a built-in technique keeps its name against outside plugins, a
+  name two outside plugins both register is usable by neither, and each collision is one
+  warning naming the distributions (see :func:`artplug.plugins.load_plugins`). Do not use
+  ``tryfirst`` or ``trylast``.
 - **Arguments** have no default value in implementations (pluggy does not pass arguments that
   have defaults).
 - **Side effects**: none beyond registering: no CUDA initialisation, no downloads, no file I/O.
@@ -43,9 +45,10 @@ def register_perturbations(register: Register) -> None:
         whose first line describes it, and a ``generate(model, x, y, state)`` method.
 
     Called once per process, after every plugin is loaded and before any recipe is resolved.
-    Collect-all; the return value is ignored. A name already registered by another plugin
-    raises :class:`~artplug.errors.PluginError` naming both plugins; a malformed class raises
-    it naming the class and what is missing.
+    Collect-all; the return value is ignored. A name another plugin also registers is settled
+    by the collision rules of the module docstring (a built-in wins; two outside plugins both
+    lose it); a malformed class, or one name registered twice by the same plugin, raises
+    :class:`~artplug.errors.PluginError` naming the plugin, the class and what is wrong.
     """
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-ARCHITECTURES: tuple[str, ...] = ("small-cnn", "preact-resnet18", "wide-resnet")
+ARCHITECTURES: tuple[str, ...] = ("small-cnn", "preact-resnet18", "wide-resnet", "mnist-cnn")
 """Names accepted by :func:`build_model`."""
 
 
@@ -133,6 +133,62 @@ class SmallCNN(ImageClassifier):
         out = self.layer2(self.layer1(out))
         out = self.layer3(self.downsample(out))
         return torch.flatten(self.pool(out), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# mnist-cnn
+# --------------------------------------------------------------------------------------------
+
+
+class ConvReLUPool(nn.Module):
+    """``maxpool2(relu(conv3x3(x)))``: a stage of :class:`MnistCNN` (no batch norm)."""
+
+    def __init__(self, in_planes: int, out_planes: int) -> None:
+        super().__init__()
+        # Biased convolutions: no batch norm follows them.
+        self.conv = nn.Conv2d(in_planes, out_planes, kernel_size=3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply conv, ReLU and 2x2 max pooling."""
+        return self.pool(self.relu(self.conv(x)))
+
+
+class MnistCNN(ImageClassifier):
+    """A cheap CNN for 28x28 MNIST, in the layout of Madry et al.'s MNIST model.
+
+    ``layer1`` (3x3 conv, 16 ch, ReLU, 2x2 max pool) -> ``layer2`` (3x3 conv, 32 ch, ReLU,
+    2x2 max pool) -> ``hidden`` (fully connected, 256 units, ReLU) -> ``fc``. Madry et al.'s
+    model (MadryLab/mnist_challenge ``model.py``) has the same two conv + pool stages and hidden
+    layer with 5x5 kernels, 32/64 channels and 1024 units, about 14 M multiply-adds per 28x28
+    image; this one needs about 1.4 M, and ``small-cnn`` (which convolves 64 channels at full
+    resolution) about 22 M. A 40-step attack costs 41 forward/backward passes per training
+    example, so that factor is what lets the MNIST recipes train in minutes on a CPU. The price
+    is capacity, which robustness at eps 0.3 needs: expect lower robust accuracy than the
+    papers' models reach. No batch norm, as in the papers' MNIST models, so the network is the
+    same in train and eval mode.
+
+    The adaptive average pool to 7x7 is the identity on 28x28 inputs and makes any other input
+    size work.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        super().__init__(mean, std)
+        self.layer1 = ConvReLUPool(in_channels, 16)
+        self.layer2 = ConvReLUPool(16, 32)
+        self.pool = nn.AdaptiveAvgPool2d(7)
+        self.hidden = nn.Linear(32 * 7 * 7, 256)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(256, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Flattened ``(N, 256)`` features after the hidden layer's ReLU."""
+        out = self.layer2(self.layer1(self.normalize(x)))
+        out = torch.flatten(self.pool(out), 1)
+        return self.relu(self.hidden(out))
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,7 +387,7 @@ def build_model(
 
     Args:
         arch: one of :data:`ARCHITECTURES`.
-        in_channels: input channels (1 for digits, 3 for CIFAR/SVHN).
+        in_channels: input channels (1 for digits and MNIST, 3 for CIFAR/SVHN).
         num_classes: size of the output.
         image_size: input height/width. Every architecture pools adaptively, so this is only
             checked (it must be positive); it is part of the signature so that future
@@ -363,6 +419,8 @@ def build_model(
         return SmallCNN(in_channels, num_classes, mean, std)
     if arch == "preact-resnet18":
         return PreActResNet18(in_channels, num_classes, mean, std)
+    if arch == "mnist-cnn":
+        return MnistCNN(in_channels, num_classes, mean, std)
     return WideResNet(
         in_channels, num_classes, mean, std, depth=depth, width=width, dropout=dropout
     )

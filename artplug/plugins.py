@@ -11,7 +11,20 @@ Loading sequence (see DESIGN §2):
 4. Extra plugin objects (tests, ``--plugins-dir``) are registered the same way.
 5. ``pm.check_pending()`` turns a misspelled hook name into an error.
 6. Each ``register_*`` hook implementation is called once with a ``register`` bound to its plugin
-   name, so a duplicate technique name is reported with both plugins.
+   name; ``register`` checks the class and records a *claim* on its name.
+7. Names are settled after every plugin has made its claims, so the result never depends on the
+   load order (entry points load alphabetically, which would otherwise let an outside package
+   that sorts first take over a built-in name):
+
+   - a name claimed once is registered;
+   - a name claimed by artplug's built-in plugin and by outside ones goes to the built-in; the
+     outside claims are dropped (their other techniques stay) and recorded as a
+     :class:`NameCollision`;
+   - a name claimed by two or more outside plugins goes to none of them: the registry marks it
+     contested, so a recipe that uses it gets an error naming both distributions.
+
+   Every collision is one warning line (:meth:`PluginSet.warnings`); the built-in is never the
+   plugin reported as failed.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import pluggy
 from artplug import hookspecs
 from artplug.errors import PluginError
 from artplug.kinds import KINDS, Kind
-from artplug.registry import Registries
+from artplug.registry import Registries, Registry
 
 ENTRY_POINT_GROUP = "artplug"
 DISABLE_ENV = "ARTPLUG_DISABLE_PLUGINS"
@@ -58,6 +71,76 @@ class PluginInfo:
         """Whether artplug itself ships this plugin."""
         return self.distribution == BUILTIN_DISTRIBUTION
 
+    def origin(self) -> str:
+        """Who ships it, for messages: ``artplug-x 1.2.3 (plugin 'x')``, ``plugin 'file:y'``."""
+        if self.builtin:
+            return f"built-in plugin {self.name!r}"
+        if self.distribution is None:
+            return f"plugin {self.name!r}"
+        version = f" {self.version}" if self.version else ""
+        return f"{self.distribution}{version} (plugin {self.name!r})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``artplug plugins --json``."""
+        return {
+            "plugin": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "builtin": self.builtin,
+        }
+
+
+def _join(items: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+@dataclass(frozen=True)
+class NameCollision:
+    """Two or more plugins registered a technique of the same kind under the same name.
+
+    ``winner`` is the built-in plugin that keeps the name, or None when the name is contested
+    between outside plugins and nobody gets it; ``ignored`` are the plugins whose technique of
+    that name was not registered (their other techniques are).
+    """
+
+    kind: Kind
+    name: str
+    winner: PluginInfo | None
+    ignored: tuple[PluginInfo, ...]
+
+    @property
+    def contested(self) -> bool:
+        """Whether nobody got the name (no built-in among the claimants)."""
+        return self.winner is None
+
+    def one_line(self) -> str:
+        """What happened to the name and how to resolve it, on one line."""
+        label = f"{self.kind} {self.name!r}"
+        if self.winner is not None:
+            losers = _join([info.origin() for info in self.ignored])
+            return (
+                f"{label} from {losers} is not registered: built-in techniques keep their "
+                f"names ({self.winner.origin()} provides it); the outside one needs a new name"
+            )
+        who = "distributions" if all(i.distribution for i in self.ignored) else "plugins"
+        nobody = "neither" if len(self.ignored) == 2 else "none of them"
+        return (
+            f"{label} is contested by {who} {_join([i.origin() for i in self.ignored])}, so "
+            f"{nobody} may use it; uninstall one, or block one with {DISABLE_ENV} "
+            f"(e.g. {DISABLE_ENV}={self.ignored[0].name})"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``artplug plugins --json``."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "winner": self.winner.as_dict() if self.winner is not None else None,
+            "ignored": [info.as_dict() for info in self.ignored],
+            "message": self.one_line(),
+        }
+
 
 @dataclass(frozen=True)
 class LoadFailure:
@@ -82,16 +165,32 @@ class PluginSet:
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)
     blocked: frozenset[str] = frozenset()
+    collisions: list[NameCollision] = field(default_factory=list)
 
     def versions(self) -> dict[str, str]:
         """Plugin name -> distribution version, for run provenance tags."""
         return {name: info.version or "unknown" for name, info in sorted(self.plugins.items())}
 
+    def warnings(self) -> list[str]:
+        """Every load problem as one line, each once: failed plugins, then name collisions.
+
+        The one place the CLI takes its start-up warnings from (printed once per command by
+        :func:`report_warnings`).
+        """
+        lines = [f.one_line() for f in self.failures]
+        lines += [c.one_line() for c in self.collisions]
+        return list(dict.fromkeys(lines))
+
     def failure_hint(self) -> str:
-        """A sentence naming failed plugins, appended to 'unknown technique' errors."""
+        """A note naming failed plugins, appended to 'unknown technique' errors.
+
+        Only the plugin names: the full reason is in :meth:`warnings` (printed once at start-up),
+        and this note is repeated for every unknown name of a recipe.
+        """
         if not self.failures:
             return ""
-        return " (note: " + "; ".join(f.one_line() for f in self.failures) + ")"
+        names = _join(list(dict.fromkeys(repr(f.name) for f in self.failures)))
+        return f" (note: plugin {names} failed to load; 'artplug plugins' shows why)"
 
 
 def disabled_from_env() -> frozenset[str]:
@@ -209,14 +308,28 @@ def load_plugins(
             result.failures.append(LoadFailure(name, info.distribution if info else None, str(exc)))
 
     for kind in KINDS:
+        registry = result.registries.of(kind)
+        # name -> {plugin name: class}: every claim first, settled after all plugins have spoken,
+        # so which plugin gets a name never depends on the order the plugins were loaded in.
+        claims: dict[str, dict[str, type[Any]]] = {}
         caller = getattr(pm.hook, HOOK_OF_KIND[kind])
         # Call implementations one by one (instead of pm.hook.x(...)) so every registration is
-        # attributed to its plugin; duplicate names are then reported with both plugin names.
+        # attributed to its plugin.
         for impl in caller.get_hookimpls():
             plugin_name = impl.plugin_name
 
-            def register(cls: type[Any], _plugin: str = plugin_name, _kind: Kind = kind) -> None:
-                result.registries.of(_kind).add(cls, plugin=_plugin)
+            def register(
+                cls: type[Any],
+                _plugin: str = plugin_name,
+                _kind: Kind = kind,
+                _registry: Registry = registry,
+                _claims: dict[str, dict[str, type[Any]]] = claims,
+            ) -> None:
+                name = _registry.check(cls, plugin=_plugin)
+                by_plugin = _claims.setdefault(name, {})
+                if _plugin in by_plugin:
+                    raise PluginError(f"plugin {_plugin!r} registers {_kind} {name!r} twice")
+                by_plugin[_plugin] = cls
 
             try:
                 impl.function(register=register)
@@ -234,11 +347,52 @@ def load_plugins(
                 result.failures.append(
                     LoadFailure(plugin_name, info.distribution if info else None, str(error))
                 )
+        _settle(kind, claims, result, strict)
     return result
 
 
-def report_failures(plugin_set: PluginSet, stream: Any = None) -> None:
-    """Print one warning line per plugin that failed to load."""
+def _settle(
+    kind: Kind, claims: dict[str, dict[str, type[Any]]], result: PluginSet, strict: bool
+) -> None:
+    """Register each claimed name of ``kind`` by the collision rules (module docstring, step 7)."""
+    registry = result.registries.of(kind)
+    for name in sorted(claims):
+        by_plugin = claims[name]
+        if len(by_plugin) == 1:
+            ((plugin, cls),) = by_plugin.items()
+            registry.add(cls, plugin=plugin)
+            continue
+        infos = {p: result.plugins.get(p) or PluginInfo(p, None, None) for p in sorted(by_plugin)}
+        builtins = [p for p, info in infos.items() if info.builtin]
+        # Exactly one built-in claimant keeps the name. Two built-ins colliding would be a bug
+        # in artplug itself: treat it like outside plugins colliding (nobody gets the name).
+        winner = builtins[0] if len(builtins) == 1 else None
+        collision = NameCollision(
+            kind,
+            name,
+            infos[winner] if winner is not None else None,
+            tuple(info for p, info in infos.items() if p != winner),
+        )
+        if strict:
+            raise PluginError(collision.one_line())
+        result.collisions.append(collision)
+        if winner is not None:
+            registry.add(by_plugin[winner], plugin=winner)
+        else:
+            registry.contest(name, collision.one_line())
+
+
+def report_warnings(plugin_set: PluginSet, stream: Any = None) -> None:
+    """Print :meth:`PluginSet.warnings`, one ``Warning: ...`` line each (stderr by default).
+
+    ``artplug``'s ``main()`` calls it once per command, right after :func:`load_plugins`: the
+    one place load problems are printed, so each appears once.
+    """
     out = stream if stream is not None else sys.stderr
-    for failure in plugin_set.failures:
-        print(f"Warning: {failure.one_line()}", file=out)
+    for line in plugin_set.warnings():
+        print(f"Warning: {line}", file=out)
+
+
+def report_failures(plugin_set: PluginSet, stream: Any = None) -> None:
+    """Deprecated name of :func:`report_warnings` (which also reports name collisions)."""
+    report_warnings(plugin_set, stream)

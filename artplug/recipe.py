@@ -17,10 +17,10 @@ each prefixed by its location, e.g. ``loss[0] (trades).beta: Input should be a v
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,28 +54,57 @@ TABLE_OF_KIND: dict[Kind, str] = {
     "transform": "transform",
     "schedule": "schedule",
 }
-GLOBAL_KNOBS = ("lr_scale", "threat.eps_scale")
+GLOBAL_KNOBS = ("lr_scale", "threat.eps_scale", "momentum")
+
+
+SEED_LIMIT = 2**63
+"""Seeds are integers in ``[0, SEED_LIMIT)``: non-negative and within torch's signed 64 bits."""
+MAX_THREADS = 1024
+"""The largest ``run.threads`` (a bigger value is a typo, and torch would try to start them)."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value of the wrong TOML type is an error, never coerced (epochs = "1" is a
+    # string; 1.0 is not an integer). An int is still accepted where a float is expected.
+    # allow_inf_nan=False: no recipe number has a meaning at inf or nan.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class RunSection(_Section):
     """``[run]``: identity, length and hardware of the run."""
 
     name: str = "artplug-run"
-    seed: int = 0
+    seed: int = Field(
+        0, ge=0, lt=SEED_LIMIT, description="random seed of the run, 0 <= seed < 2**63"
+    )
     epochs: int = Field(10, ge=1)
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
-        "auto", description="mixed precision; 'auto' = bf16 on CUDA, off on CPU"
+        "auto",
+        description="mixed precision (autocast): 'auto' = bf16 on CUDA, off (fp32) on CPU; "
+        "'bf16' and 'fp16' also work on CPU (slow; for tests); 'fp16' adds loss scaling; "
+        "docs/precision.md",
     )
     channels_last: Literal["auto", "on", "off"] = Field(
         "auto", description="channels_last memory format; 'auto' = on for CUDA"
     )
     log_every: int = Field(20, ge=1, description="optimizer steps between metric syncs")
     out_dir: str = Field("runs", description="folder for run folders (checkpoints, results)")
+    threads: int = Field(
+        0,
+        ge=0,
+        le=MAX_THREADS,
+        description="CPU threads torch uses in this process (torch.set_num_threads); "
+        "0 = torch's default (one per core); on a shared machine 1 is often much faster",
+    )
+    on_nonfinite: Literal["stop", "rollback"] = Field(
+        "stop",
+        description="a non-finite loss or weights: 'stop' the run with an error, or 'rollback' "
+        "to the last good checkpoint with the learning rate halved (at most max_rollbacks times)",
+    )
+    max_rollbacks: int = Field(
+        3, ge=0, description="rollbacks allowed with on_nonfinite = 'rollback' before stopping"
+    )
 
     @field_validator("device")
     @classmethod
@@ -128,6 +157,13 @@ class ThreatSection(_Section):
         return Threat(self.norm, self.eps)
 
 
+DEFAULT_FINAL_ATTACKS: tuple[str, ...] = ("clean", "pgd-20", "apgd-ce", "apgd-dlr")
+"""``[eval] final_attacks``'s default: a suite whose per-example worst case (``worst``) comes
+close to the standard AutoAttack's APGD-CE + APGD-T. PGD-20 alone overstates robustness, most
+of all for cosine heads (HE), whose cross-entropy gradient is weak; ``square`` (5000 queries,
+minutes on a CPU) and ``autoattack`` (an optional extra) are left to the recipes."""
+
+
 class EvalSection(_Section):
     """``[eval]``: validation during training and the final evaluation, both through ART."""
 
@@ -137,18 +173,47 @@ class EvalSection(_Section):
         description="validate every N epochs; 0 = never (the test split is always run at the end)",
     )
     attacks: list[str] = Field(default_factory=lambda: ["clean", "pgd-20"])
-    final_attacks: list[str] = Field(default_factory=lambda: ["clean", "fgsm", "pgd-20", "pgd-50"])
+    final_attacks: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_FINAL_ATTACKS),
+        description="final evaluation entries; the run reports each and their per-example "
+        "worst case",
+    )
+    eps: float | None = Field(
+        None,
+        ge=0.0,
+        description="radius of validation and the final evaluation (sanity gate and eps-curve "
+        "mark included); None = [threat] eps. Lets a recipe train at a paper's eps (0.031) and "
+        "evaluate at RobustBench's 8/255",
+    )
     n_examples: int = Field(500, ge=1, description="size of the seeded validation subset")
-    test_examples: int | None = Field(None, ge=1, description="None = the full test split")
+    test_examples: int | None = Field(
+        None,
+        ge=1,
+        description="the first N test examples, in order (as RobustBench); None = the full "
+        "test split",
+    )
     batch_size: int = Field(512, ge=1)
     overfit_check: Literal["off", "log", "stop"] = Field(
         "off",
         description="catastrophic-overfitting detection after every epoch: 'log' records the "
         "event, 'stop' also ends training and restores the last good checkpoint",
     )
-    overfit_examples: int = Field(256, ge=1, description="fixed training examples it attacks")
+    overfit_rule: Literal["artplug", "fast-at"] = Field(
+        "artplug",
+        description="the check's rule: 'artplug' = PGD-20 accuracy on overfit_examples fixed "
+        "training examples (eval mode) drops by more than overfit_drop while FGSM accuracy does "
+        "not fall; 'fast-at' = Wong et al.'s: PGD-5 accuracy on one fixed training batch "
+        "(data.batch_size examples) with the model in train mode drops by more than overfit_drop",
+    )
+    overfit_examples: int = Field(
+        256, ge=1, description="fixed training examples it attacks (the 'artplug' rule)"
+    )
     overfit_drop: float = Field(
-        0.2, gt=0.0, le=1.0, description="PGD-20 accuracy drop (absolute) that counts as collapse"
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="PGD accuracy drop (absolute, against the last healthy epoch) that counts "
+        "as a collapse",
     )
     select: Literal["last", "best"] = Field(
         "best",
@@ -307,8 +372,13 @@ def load_recipe(
     overrides: Sequence[str] = (),
     *,
     failure_hint: str = "",
+    check_out_dir: bool = True,
 ) -> ResolvedRecipe:
-    """Read, override, validate and resolve the recipe at ``path``."""
+    """Read, override, validate and resolve the recipe at ``path``.
+
+    With ``check_out_dir`` (the default: a recipe file is read to be run) an ``run.out_dir``
+    that cannot hold run folders is one of the problems reported; nothing is created.
+    """
     source = str(path)
     file = Path(path)
     if not file.is_file():
@@ -319,7 +389,16 @@ def load_recipe(
         raise RecipeError(source, [f"invalid TOML: {exc}"]) from None
     except UnicodeDecodeError:
         raise RecipeError(source, ["not a UTF-8 text file"]) from None
-    return resolve(raw, registries, source=source, overrides=overrides, failure_hint=failure_hint)
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits (int() refuses it)
+        raise RecipeError(source, [f"invalid TOML value: {exc}"]) from None
+    return resolve(
+        raw,
+        registries,
+        source=source,
+        overrides=overrides,
+        failure_hint=failure_hint,
+        check_out_dir=check_out_dir,
+    )
 
 
 def resolve(
@@ -329,15 +408,24 @@ def resolve(
     source: str = "<recipe>",
     overrides: Sequence[str] = (),
     failure_hint: str = "",
+    check_out_dir: bool = False,
 ) -> ResolvedRecipe:
-    """Validate a parsed recipe; raise one :class:`RecipeError` listing every problem."""
+    """Validate a parsed recipe; raise one :class:`RecipeError` listing every problem.
+
+    ``check_out_dir`` also checks that ``run.out_dir`` can hold run folders (see
+    :func:`out_dir_problem`); off by default, since a stored recipe (a checkpoint's, for
+    ``eval`` or ``resume``) may name a folder of another machine that is never used.
+    """
     data = _deep_copy(raw)
     problems: list[str] = []
     for override in overrides:
         try:
             apply_override(data, override)
         except ValueError as exc:
-            problems.append(f"--set {override}: {exc}")
+            # backslashreplace: a lone surrogate (undecodable argv bytes) would break the print.
+            shown = override.encode("utf-8", "backslashreplace").decode("utf-8")
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            problems.append(f"--set {shown}: {exc}")
     if problems:
         raise RecipeError(source, problems)
 
@@ -355,6 +443,10 @@ def resolve(
             sections[name] = model.model_validate(table)
         except ValidationError as exc:
             problems.extend(_render(exc, name))
+    if check_out_dir and "run" in sections:
+        problem = out_dir_problem(sections["run"].out_dir)
+        if problem is not None:
+            problems.append(problem)
 
     perturbation_raw = data.get("perturbation", {"use": "none"})
     specs: dict[str, list[TechniqueSpec]] = {"transform": [], "loss": [], "schedule": []}
@@ -421,11 +513,21 @@ def _technique(
     params_raw = {k: v for k, v in table.items() if k not in RESERVED_KEYS[kind]}
     label = f"{location} ({use})"
     ok = True
+    # Technique Params are validated as strictly as the sections (no "3" for an int, no 3.0
+    # for an int), whatever each plugin's own model_config says.
+    own: list[str] = []
     try:
-        params = entry.cls.Params.model_validate(params_raw)
+        params = entry.cls.Params.model_validate(params_raw, strict=True)
     except ValidationError as exc:
-        problems.extend(_render(exc, label))
+        own = _render(exc, label)
         ok = False
+    # Params models are the plugins' and may allow inf/nan; no recipe number means anything
+    # there, so non-finite values are refused here (unless pydantic already refused them).
+    for where, value in _non_finite(params_raw):
+        if not any(line.startswith(f"{label}.{where}:") for line in own):
+            own.append(f"{label}.{where}: must be a finite number, got {_toml_value(value)}")
+            ok = False
+    problems.extend(own)
     extra: dict[str, Any] = {}
     if kind == "loss":
         term_id = table.get("id", use)
@@ -433,11 +535,7 @@ def _technique(
         if not isinstance(term_id, str) or not term_id:
             problems.append(f"{label}.id: must be a non-empty string")
             ok = False
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, int | float)
-            or not math.isfinite(weight)
-        ):
+        if not _finite_number(weight):
             problems.append(f"{label}.weight: must be a finite number")
             ok = False
         extra = {"id": term_id, "weight": float(weight) if ok else 1.0}
@@ -537,9 +635,79 @@ def _render(exc: ValidationError, prefix: str) -> list[str]:
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key (not a parameter here)"
+        elif error["type"].endswith("_type"):
+            # Strict validation refuses "1" for an integer: say what was given, as TOML.
+            message += f" (got {_describe(error['input'])})"
         where = f"{prefix}.{loc}" if loc else prefix
         lines.append(f"{where}: {message}")
     return lines
+
+
+_TOML_TYPES = ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"))
+
+
+def _describe(value: Any) -> str:
+    """A recipe value for an error message, e.g. ``the string "1"``; long values cut short."""
+    for kind, name in _TOML_TYPES:
+        if isinstance(value, kind):
+            text = _toml_value(value)
+            return f"the {name} {text if len(text) <= 40 else text[:37] + '...'}"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _finite_number(value: Any) -> bool:
+    """Whether ``value`` is an int or float usable as a finite float (bool is not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        # An int beyond float's range (TOML allows any size to tomllib) is not finite either.
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _non_finite(value: Any, where: str = "") -> Iterator[tuple[str, float]]:
+    """``(location, value)`` of every inf or nan float in a raw table, nested ones too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, f"{where}.{index}" if where else str(index))
+
+
+def out_dir_problem(out_dir: str) -> str | None:
+    """Why ``run.out_dir`` cannot hold run folders, as a one-line problem; None when it can.
+
+    Looks at the folder, or at its nearest existing ancestor when it does not exist yet (the
+    run creates it), and creates nothing: ``artplug validate`` must not touch the disk.
+    """
+    fix = "set run.out_dir (or --set run.out_dir=PATH) to a folder you can write to"
+    path = Path(out_dir)
+    try:
+        probe = path
+        # The nearest existing ancestor decides: mkdir(parents=True) fails exactly there.
+        while not (probe.exists() or probe.is_symlink()) and probe.parent != probe:
+            probe = probe.parent
+        if probe == path and path.exists() and not path.is_dir():
+            return f"run.out_dir: {out_dir!r} is a file, not a folder; {fix}"
+        if not probe.is_dir():
+            what = "a broken link" if not probe.exists() else "a file, not a folder"
+            return f"run.out_dir: {out_dir!r} cannot be created: {str(probe)!r} is {what}; {fix}"
+        if not os.access(probe, os.W_OK | os.X_OK):
+            return (
+                f"run.out_dir: {out_dir!r} cannot be created: {str(probe)!r} is not writable; {fix}"
+            )
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a folder we cannot read
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"run.out_dir: {out_dir!r} cannot be used ({reason}); {fix}"
+    return None
 
 
 def _suggest(name: str, choices: Sequence[str] | Mapping[str, Any]) -> str:
@@ -584,7 +752,13 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise ValueError("expected KEY=VALUE, e.g. --set optim.lr=0.05")
+    if any("\ud800" <= ch <= "\udfff" for ch in override):
+        # Python decodes undecodable argv bytes to lone surrogates; they cannot be written to
+        # the resolved recipe (UTF-8) later, so they are refused here.
+        raise ValueError("not valid UTF-8 text (the shell passed undecodable bytes)")
     parts = _split_key(key)
+    if not parts:  # a key of only brackets and dots, e.g. --set '[=1'
+        raise ValueError("expected KEY=VALUE, e.g. --set optim.lr=0.05")
     value = parse_value(text.strip())
     node: Any = data
     for depth, part in enumerate(parts[:-1]):
@@ -600,8 +774,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             raise ValueError(f"{'.'.join(parts[: depth + 1])} is not a table")
     last = parts[-1]
     if isinstance(node, list):
-        index = _index(last, parts)
-        node[index] = value
+        _list_item(node, last, parts)  # an index past the end is an error, not an append
+        node[_index(last, parts)] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
@@ -609,7 +783,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def _index(part: str, parts: Sequence[str]) -> int:
-    if not part.isdigit():
+    # isascii: str.isdigit() also passes '²', which int() refuses.
+    if not (part.isascii() and part.isdigit()):
         raise ValueError(f"{'.'.join(parts)}: expected an index like loss.0.weight")
     return int(part)
 
@@ -625,10 +800,40 @@ def _list_item(node: list[Any], part: str, parts: Sequence[str]) -> Any:
 # TOML output (the resolved recipe); a small writer for the plain data this module produces.
 
 
+_TOML_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string."""
+    out = []
+    for ch in text:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ch < " " or ch == "\x7f":
+            # TOML forbids raw control characters; JSON's escaping (json.dumps) misses DEL and,
+            # with ensure_ascii, writes surrogate pairs, which TOML rejects.
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_key(key: str) -> str:
-    if key and all(ch.isalnum() or ch in "-_" for ch in key):
+    # Bare keys are ASCII only (str.isalnum() would also pass '²' or 'é').
+    if key and all(ch in _BARE_KEY_CHARS for ch in key):
         return key
-    return json.dumps(key)
+    return _toml_string(key)
+
+
+_BARE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 def _toml_value(value: Any) -> str:
@@ -643,8 +848,7 @@ def _toml_value(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        # JSON string escapes are valid TOML basic-string escapes.
-        return json.dumps(value, ensure_ascii=False)
+        return _toml_string(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

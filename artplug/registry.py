@@ -46,9 +46,17 @@ class Registry:
             raise ValueError(f"unknown technique kind {kind!r}")
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        # Names that two outside plugins both registered: usable by neither, and looking one up
+        # explains the collision instead of saying "unknown".
+        self._contested: dict[str, str] = {}
 
-    def add(self, cls: type[Any], plugin: str = "<unknown>") -> None:
-        """Register ``cls`` after checking its shape; raise PluginError naming what is wrong."""
+    def check(self, cls: type[Any], plugin: str = "<unknown>") -> str:
+        """Check the shape of technique class ``cls`` and return its name.
+
+        Raises :class:`PluginError` naming ``plugin``, the class and what is wrong. Does not
+        register anything: the plugin loader checks every class first and settles name
+        collisions afterwards (see :func:`artplug.plugins.load_plugins`).
+        """
         where = f"plugin {plugin!r}"
         if not inspect.isclass(cls):
             raise PluginError(f"{where}: register() takes a {self.kind} class, got {cls!r}")
@@ -76,6 +84,18 @@ class Registry:
             # needs may be set per instance (it can depend on Params); a class value must be valid.
             if needs is not None and not set(needs) <= {"clean", "adv"}:
                 raise PluginError(f"{label}: needs must be a subset of {{'clean', 'adv'}}")
+        return name
+
+    def add(self, cls: type[Any], plugin: str = "<unknown>") -> None:
+        """Register ``cls`` after checking its shape; raise PluginError naming what is wrong.
+
+        A name that is already registered (or contested) raises :class:`PluginError` naming both
+        plugins. The plugin loader does not rely on this: it settles collisions by the rules of
+        :func:`artplug.plugins.load_plugins` before calling ``add``.
+        """
+        name = self.check(cls, plugin)
+        if name in self._contested:
+            raise PluginError(self._contested[name])
         previous = self._entries.get(name)
         if previous is not None:
             raise PluginError(
@@ -83,6 +103,19 @@ class Registry:
                 f"plugin {plugin!r}; block one with ARTPLUG_DISABLE_PLUGINS"
             )
         self._entries[name] = Entry(self.kind, name, cls, plugin)
+
+    def contest(self, name: str, message: str) -> None:
+        """Mark ``name`` as contested: nobody may use it, and looking it up gives ``message``.
+
+        ``message`` says which plugins collide and how to resolve it (see
+        :class:`artplug.plugins.NameCollision`).
+        """
+        self._entries.pop(name, None)
+        self._contested[name] = message
+
+    def contested(self) -> dict[str, str]:
+        """Contested name -> the message that explains the collision, sorted by name."""
+        return dict(sorted(self._contested.items()))
 
     def get(self, name: str) -> Entry:
         """The entry called ``name``; KeyError with a did-you-mean message otherwise."""
@@ -92,7 +125,13 @@ class Registry:
             raise KeyError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        """'no <kind> named X. Did you mean Y? Installed: ...' for an unknown name."""
+        """'no <kind> named X. Did you mean Y? Installed: ...' for an unknown name.
+
+        For a contested name, the message of the collision instead (which plugins registered it
+        and how to resolve it).
+        """
+        if name in self._contested:
+            return self._contested[name]
         close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         installed = ", ".join(sorted(self._entries)) or "(none)"

@@ -6,8 +6,16 @@ imports mlflow, and it does so lazily inside its methods, so importing this modu
 
 Failure policy: a tracking backend that cannot be reached when the run starts is a user error
 (:class:`~artplug.errors.ArtplugError`, one line naming the URI). Once the run has started, a
-backend failure never stops training: the tracker warns once on stderr and goes quiet, since the
-engine keeps everything in its local run folder anyway.
+backend failure never stops or stalls training: every call runs with short HTTP timeouts and no
+retries, and the first failure opens a circuit breaker (one warning line on stderr; no call is
+tried for :data:`OFFLINE_RETRY_S` seconds). Nothing is lost meanwhile: the engine writes every
+metric to the run folder's ``metrics.jsonl`` and the tracker journals its params, tags,
+artifacts and final status in ``tracking.jsonl`` next to it (:meth:`MlflowTracker.attach_run_dir`).
+:func:`sync_run` (``artplug sync RUN_DIR``) later sends whatever the store lacks; the tracker
+tries it by itself when the run ends.
+
+Concurrency: the first use of a local SQLite store (table creation, experiment lookup-or-create)
+happens under an exclusive file lock, ``<db>.lock``, so that runs started together never race.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
@@ -48,6 +57,29 @@ MODEL_NAME = "model"
 # typo'd server address only fails after MLflow's HTTP retries with back-off (minutes).
 _CONNECT_TIMEOUT_S = 5.0
 _GIT_TIMEOUT_S = 5.0
+
+# The run folder's tracking journal: one JSON object per line (params, tags, artifacts, status).
+JOURNAL_NAME = "tracking.jsonl"
+# The run folder's metric record, written by the engine (one JSON object per line with its step).
+METRICS_NAME = "metrics.jsonl"
+
+# MLflow's HTTP client settings while a run trains. MLflow's defaults (7 retries, exponential
+# back-off, 120 s timeout) turn a dead server into minutes of stalled training per call; a call
+# that fails now is harmless instead, since the run folder keeps the record for `artplug sync`.
+# A variable the user set in the environment wins.
+_RUN_HTTP = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+}
+# While syncing nothing trains, so a slow server may take its time (but a dead one fails fast).
+_SYNC_HTTP = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+# How long the tracker leaves an unreachable store alone before it tries one call again.
+OFFLINE_RETRY_S = 120.0
 
 # Keys MLflow accepts everywhere: its own check also allows ':' except on Windows servers, and
 # any Unicode word character; plain ASCII keeps keys portable across stores and platforms.
@@ -134,6 +166,9 @@ class NullTracker:
     def end(self, status: Status = "FINISHED") -> None:
         """Do nothing."""
 
+    def attach_run_dir(self, run_dir: str | Path) -> None:
+        """Do nothing (the engine's run folder is the whole record)."""
+
     def describe(self) -> str:
         """Say that tracking is off."""
         return "Tracking is off: nothing is sent to MLflow; results stay in the local run folder."
@@ -152,6 +187,9 @@ class MlflowTracker:
     ``parent_run_id`` makes the new run a nested child of that run (MLflow's
     ``mlflow.parentRunId`` tag: the UI shows it under its parent, as ``artplug sweep`` does);
     ``tags`` are set when the run is created (not on a resumed run).
+
+    With :meth:`attach_run_dir` the tracker keeps a journal in the run folder, so that a
+    tracking outage loses nothing (see the module docstring and :func:`sync_run`).
     """
 
     def __init__(
@@ -179,7 +217,13 @@ class MlflowTracker:
         self.experiment_id: str | None = None
         self._client: MlflowClient | None = None
         self._ended = False
-        self._broken: str | None = None  # why tracking stopped, once a backend call failed
+        self.run_dir: Path | None = None
+        # The circuit breaker: the first failure of an outage (None while the store answers),
+        # and the monotonic time before which no call is tried.
+        self._outage: str | None = None
+        self._retry_at = 0.0
+        self._journal_failed = False
+        self._journal_pending: list[dict[str, Any]] = []  # held until the run has started
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -199,7 +243,15 @@ class MlflowTracker:
         uri = self.tracking_uri or mlflow.get_tracking_uri()
         try:
             _probe_http(uri)
-            client = mlflow.MlflowClient(tracking_uri=uri)
+            if self.resume_run_id is not None:
+                _require_store(uri, str(self.resume_run_id))
+            # Under the store lock: a new SQLite store creates its tables (and MLflow's default
+            # experiment) on first open, which two processes must not do at the same time.
+            with _store_lock(uri):
+                client = mlflow.MlflowClient(tracking_uri=uri)
+                experiment_id = (
+                    None if self.resume_run_id is not None else self._experiment_id(client)
+                )
             if self.resume_run_id is not None:
                 # Continue the interrupted run: same id, so its metrics continue one curve.
                 run = client.get_run(self.resume_run_id)
@@ -207,13 +259,10 @@ class MlflowTracker:
                 if not self.keep_status:
                     client.update_run(run.info.run_id, status="RUNNING")
             else:
-                experiment_id = self._experiment_id(client)
-                user = _user()
-                tags = {"mlflow.user": user} if user else {}
-                tags.update(self.initial_tags)
-                if self.parent_run_id is not None:
-                    tags["mlflow.parentRunId"] = self.parent_run_id
-                run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+                assert experiment_id is not None
+                run = client.create_run(
+                    experiment_id, run_name=self.run_name, tags=self._creation_tags()
+                )
         except ArtplugError:
             raise
         except Exception as exc:
@@ -227,42 +276,114 @@ class MlflowTracker:
                 'or turn tracking off (--no-track, or backend = "none" in [tracking])'
             ) from exc
         self.tracking_uri = uri
-        self.experiment_id = experiment_id
+        self.experiment_id = str(run.info.experiment_id)
         self._client = client
         self.run_id = run.info.run_id
+        self._journal(
+            {
+                "event": "start",
+                "run_id": self.run_id,
+                "tracking_uri": _absolute_uri(uri),
+                "experiment_id": self.experiment_id,
+            }
+        )
+
+    def _creation_tags(self) -> dict[str, str]:
+        user = _user()
+        tags = {"mlflow.user": user} if user else {}
+        tags.update(self.initial_tags)
+        if self.parent_run_id is not None:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        return tags
 
     def _experiment_id(self, client: MlflowClient) -> str:
         """The id of the experiment, created if missing; an error if it is deleted."""
-        from mlflow.exceptions import MlflowException
+        return _experiment_id(client, self.experiment, self.artifact_location)
 
-        found = client.get_experiment_by_name(self.experiment)
-        if found is None:
-            try:
-                return str(
-                    client.create_experiment(
-                        self.experiment, artifact_location=self.artifact_location
-                    )
-                )
-            except MlflowException:
-                # Another process may have created it in the meantime.
-                found = client.get_experiment_by_name(self.experiment)
-                if found is None:
-                    raise
-        if found.lifecycle_stage == "deleted":
-            raise ArtplugError(
-                f"MLflow experiment '{self.experiment}' at '{client.tracking_uri}' is deleted; "
-                f"restore it (mlflow experiments restore --experiment-id {found.experiment_id}) "
-                "or choose another experiment name"
+    def attach_run_dir(self, run_dir: str | Path) -> None:
+        """Keep a journal of this run in ``run_dir/tracking.jsonl`` (:data:`JOURNAL_NAME`).
+
+        Call it once the run folder exists, before or after :meth:`start`. From then on every
+        parameter, tag, artifact path and the final status is written there before it is sent,
+        so that ``artplug sync RUN_DIR`` (:func:`sync_run`) can send whatever the tracking
+        store missed; the metrics come from the engine's ``metrics.jsonl`` in the same folder.
+        A resumed run appends to the journal it finds. Nothing is written before the run has
+        started: a run whose tracking never started has nothing to sync.
+        """
+        self.run_dir = Path(run_dir)
+        self._journal(
+            {
+                "event": "attach",
+                "experiment": self.experiment,
+                "run_name": self.run_name,
+                "tracking_uri": _absolute_uri(self.tracking_uri) if self.tracking_uri else None,
+                "artifact_location": self.artifact_location,
+                "parent_run_id": self.parent_run_id,
+                "tags": self._creation_tags(),
+                "resume_run_id": self.resume_run_id,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "cwd": os.getcwd(),
+            }
+        )
+        if self.run_id is not None:
+            self._journal(
+                {
+                    "event": "start",
+                    "run_id": self.run_id,
+                    "tracking_uri": _absolute_uri(self.tracking_uri or ""),
+                    "experiment_id": self.experiment_id,
+                }
             )
-        return str(found.experiment_id)
+
+    def _journal(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (with the time) to the run folder's journal, if one is attached."""
+        if self.run_dir is None or self._journal_failed:
+            return
+        self._journal_pending.append({"time_ms": _now_ms(), **record})
+        if self.run_id is None:
+            return
+        lines = "".join(json.dumps(r, default=str) + "\n" for r in self._journal_pending)
+        self._journal_pending.clear()
+        try:
+            # Opened per record: records are few (no metrics), and a crash loses no buffer.
+            with (self.run_dir / JOURNAL_NAME).open("a", encoding="utf-8") as journal:
+                journal.write(lines)
+        except OSError as exc:
+            self._journal_failed = True
+            print(
+                f"artplug: warning: cannot write the tracking journal ({_short(exc)}); "
+                "`artplug sync` will not know about this run's params, tags and artifacts",
+                file=sys.stderr,
+            )
 
     def end(self, status: Status = "FINISHED") -> None:
-        """Mark the run terminated with ``status``; idempotent, and a no-op before ``start``."""
-        if self.run_id is None or self._ended:
+        """Mark the run terminated with ``status``; idempotent, and a no-op before ``start``.
+
+        After an outage, with a run folder attached, it first tries to send everything the
+        store missed (:func:`sync_run`, which also sets the status); if the store is still
+        down, :meth:`describe` says how to send it later.
+        """
+        if self._ended:
             return
         self._ended = True
-        if self.keep_status:
+        self._journal({"event": "end", "status": status})
+        if self.run_id is None or self.keep_status:
             return
+        if self._outage is not None and self.run_dir is not None:
+            try:
+                with _http_settings(_RUN_HTTP):
+                    result = sync_run(self.run_dir, tracking_uri=self.tracking_uri)
+            except Exception:
+                # Deliberately broad: the store is still down or broken; the journal keeps all.
+                return
+            self._outage = None
+            print(
+                f"artplug: MLflow tracking is back online; sent what it missed: {result.counts()}",
+                file=sys.stderr,
+            )
+            return
+        self._retry_at = 0.0  # the status is worth one more try, even during an outage
         self._call("end the run", "set_terminated", status)
 
     def describe(self) -> str:
@@ -271,8 +392,13 @@ class MlflowTracker:
         if self.run_id is None:
             return f"MLflow experiment '{self.experiment}' at {uri} (run not started)"
         where = f"MLflow run {self.run_id} in experiment '{self.experiment}' at {uri}"
-        if self._broken is not None:
-            return f"{where} (tracking stopped early: {self._broken})"
+        if self._outage is not None:
+            later = (
+                f"; send what it missed with: artplug sync {self.run_dir}"
+                if self.run_dir is not None
+                else ""
+            )
+            return f"{where} (tracking stopped early, MLflow offline: {self._outage}{later})"
         if uri.startswith(("http://", "https://")):
             link = f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
             return f"{where}; open: {link}"
@@ -291,6 +417,7 @@ class MlflowTracker:
         flat: dict[str, str] = {}
         for key, value in flatten(params).items():
             flat[sanitize_key(key)] = _truncate(value, MAX_PARAM_VALUE_LENGTH)
+        self._journal({"event": "params", "params": flat})
         entities = [Param(key, value) for key, value in flat.items()]
         for chunk in _chunks(entities, MAX_PARAMS_TAGS_PER_BATCH):
             self._call("log params", "log_batch", params=chunk)
@@ -313,6 +440,7 @@ class MlflowTracker:
             sanitize_key(key): _truncate(str(value), MAX_TAG_VALUE_LENGTH)
             for key, value in tags.items()
         }
+        self._journal({"event": "tags", "tags": flat})
         entities = [RunTag(key, value) for key, value in flat.items()]
         for chunk in _chunks(entities, MAX_PARAMS_TAGS_PER_BATCH):
             self._call("set tags", "log_batch", tags=chunk)
@@ -326,6 +454,9 @@ class MlflowTracker:
         if not local.exists():
             print(f"artplug: MLflow artifact not logged, no such file: {local}", file=sys.stderr)
             return
+        self._journal(
+            {"event": "artifact", "path": self._journal_path(local), "artifact_path": artifact_path}
+        )
         if local.is_dir():
             self._call("log artifacts", "log_artifacts", str(local), artifact_path)
         else:
@@ -345,10 +476,12 @@ class MlflowTracker:
         """
         if self._client is None or self.run_id is None:
             raise RuntimeError("MlflowTracker: call start() before logging")
-        if self._broken is not None:
+        if self._offline():
+            self._journal({"event": "model", "logged": False, "reason": "tracking offline"})
             return None
         try:
-            self._log_pytorch_model(model, sample, requirements)
+            with _http_settings(_RUN_HTTP):
+                self._log_pytorch_model(model, sample, requirements)
         except Exception as exc:
             # Deliberately broad: an unpicklable module, an old MLflow, a store that refuses the
             # files... the record of the run matters more than its model artifact.
@@ -357,8 +490,11 @@ class MlflowTracker:
                 "the run's checkpoints/ artifacts still hold its weights",
                 file=sys.stderr,
             )
+            self._journal({"event": "model", "logged": False, "reason": _short(exc)})
             return None
-        return f"runs:/{self.run_id}/{MODEL_NAME}"
+        uri = f"runs:/{self.run_id}/{MODEL_NAME}"
+        self._journal({"event": "model", "logged": True, "uri": uri})
+        return uri
 
     def _log_pytorch_model(
         self, model: nn.Module, sample: Tensor, requirements: Sequence[str]
@@ -405,31 +541,56 @@ class MlflowTracker:
         finally:
             pytorch_logger.setLevel(level)
 
-    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> None:
-        """Call ``client.<method>(run_id, *args, **kwargs)`` without ever raising.
+    def _journal_path(self, local: Path) -> str:
+        """``local`` relative to the run folder when inside it (folders move), else absolute."""
+        resolved = local.resolve()
+        if self.run_dir is not None:
+            with contextlib.suppress(ValueError):
+                return resolved.relative_to(self.run_dir.resolve()).as_posix()
+        return str(resolved)
+
+    def _offline(self) -> bool:
+        """Whether the circuit breaker is open: the store failed less than a while ago."""
+        return self._outage is not None and time.monotonic() < self._retry_at
+
+    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> bool:
+        """Call ``client.<method>(run_id, *args, **kwargs)`` without ever raising; True if sent.
 
         A value the store rejects (e.g. a parameter logged twice with different values) is
-        reported and skipped; any other failure means the backend is gone or broken: warn once
-        and stop tracking.
+        reported and skipped. Any other failure means the store is down or broken: warn once,
+        and skip every call for :data:`OFFLINE_RETRY_S` seconds (then try one again), so that
+        an outage costs the training loop one short timeout per window, not one per call.
         """
         if self._client is None or self.run_id is None:
             raise RuntimeError("MlflowTracker: call start() before logging")
-        if self._broken is not None:
-            return
+        if self._offline():
+            return False
         try:
-            getattr(self._client, method)(self.run_id, *args, **kwargs)
+            with _http_settings(_RUN_HTTP):
+                getattr(self._client, method)(self.run_id, *args, **kwargs)
         except Exception as exc:
             # Deliberately broad: whatever the backend raises (connection errors, a locked
             # database, a full disk, ...), training must go on.
             if getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE":
                 print(f"artplug: warning: MLflow rejected a value ({_short(exc)})", file=sys.stderr)
-                return
-            self._broken = f"failed to {what}: {_short(exc)}"
-            print(
-                f"artplug: warning: MLflow tracking stopped ({self._broken}); training goes on "
-                "and the local run folder keeps everything",
-                file=sys.stderr,
-            )
+                return False
+            self._retry_at = time.monotonic() + OFFLINE_RETRY_S
+            if self._outage is None:
+                self._outage = f"failed to {what}: {_short(exc, 200)}"
+                self._journal({"event": "offline", "reason": self._outage})
+                later = (
+                    f"; send them later with: artplug sync {self.run_dir}"
+                    if self.run_dir is not None
+                    else ""
+                )
+                print(
+                    f"artplug: warning: MLflow tracking stopped, the store is offline "
+                    f"({self._outage}); training goes on and the run folder keeps every "
+                    f"record{later}",
+                    file=sys.stderr,
+                )
+            return False
+        return True
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -450,6 +611,107 @@ def _short(exc: BaseException, limit: int = 400) -> str:
     text = " ".join(str(exc).split()) or "(no message)"
     text = f"{type(exc).__name__}: {text}"
     return _truncate(text, limit)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@contextlib.contextmanager
+def _http_settings(values: Mapping[str, str]) -> Iterator[None]:
+    """Set MLflow's HTTP client variables to ``values`` inside the block, then restore them.
+
+    MLflow reads them on every request, so this scopes them to the calls in the block; a
+    variable the user already set keeps the user's value.
+    """
+    added = [name for name in values if name not in os.environ]
+    for name in added:
+        os.environ[name] = values[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory), or None."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    path = uri[len(prefix) :].split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def _absolute_uri(uri: str) -> str:
+    """``uri`` with a relative SQLite file made absolute (it depends on the working directory)."""
+    path = _sqlite_path(uri)
+    if path is None or path.is_absolute():
+        return uri
+    query = uri.split("?", 1)[1] if "?" in uri else None
+    absolute = f"sqlite:///{path.resolve()}"
+    return f"{absolute}?{query}" if query else absolute
+
+
+def _require_store(uri: str, what: str) -> None:
+    """Fail (one line) instead of opening a SQLite store that does not exist: opening creates it."""
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise ArtplugError(
+            f"{what}: no such MLflow run at tracking URI '{uri}' (there is no tracking database "
+            f"{path}); pass a checkpoint file or run folder, or point MLFLOW_TRACKING_URI / "
+            "--tracking-uri at the store that holds the run"
+        )
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<db>.lock`` next to a SQLite store; nothing for other stores.
+
+    MLflow creates a new SQLite store's tables on first open and two processes doing that at
+    once fail with "table ... already exists", losing one run; the lock serialises the first
+    open and the experiment lookup-or-create. (No lock where ``fcntl`` does not exist.)
+    """
+    path = _sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None  # type: ignore[assignment]
+    if path is None or fcntl is None or not path.absolute().parent.is_dir():
+        yield
+        return
+    lock_path = path.with_name(path.name + ".lock")
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name``, created if missing; an error if it is deleted."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return str(client.create_experiment(name, artifact_location=artifact_location))
+        except MlflowException:
+            # Another process created it in the meantime (a server store, where the file lock
+            # of a local store does not reach): "already exists", so look it up again.
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if found.lifecycle_stage == "deleted":
+        raise ArtplugError(
+            f"MLflow experiment '{name}' at '{client.tracking_uri}' is deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {found.experiment_id}) or choose "
+            "another experiment name"
+        )
+    return str(found.experiment_id)
 
 
 def _user() -> str | None:
@@ -635,6 +897,8 @@ def download_checkpoints(run_id: str, dest: str | Path, *, tracking_uri: str | N
 
     _quiet_store_setup_logs()
     uri = tracking_uri or mlflow.get_tracking_uri()
+    # Looking a run up must not create an empty store (an mlflow.db in the working directory).
+    _require_store(uri, run_id)
     client = mlflow.MlflowClient(tracking_uri=uri)
     try:
         client.get_run(run_id)
@@ -650,3 +914,339 @@ def download_checkpoints(run_id: str, dest: str | Path, *, tracking_uri: str | N
             f"{run_id}: the run has no checkpoints/ artifact ({_short(exc, 200)})"
         ) from None
     return Path(folder)
+
+
+# -- artplug sync ---------------------------------------------------------------------------
+
+
+@dataclass
+class SyncResult:
+    """What :func:`sync_run` sent: counts per kind, the run, and notes for the user."""
+
+    run_id: str
+    tracking_uri: str
+    created: bool = False
+    metrics: int = 0
+    params: int = 0
+    tags: int = 0
+    artifacts: int = 0
+    status: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> str:
+        """The counts on one line, e.g. ``12 metric values, 0 params, 3 tags, 2 artifact files``."""
+        parts = [
+            f"{self.metrics} metric values",
+            f"{self.params} params",
+            f"{self.tags} tags",
+            f"{self.artifacts} artifact files",
+        ]
+        if self.status is not None:
+            parts.append(f"status {self.status}")
+        return ", ".join(parts)
+
+    def summary(self) -> str:
+        """One line for the CLI: the run, what was sent, and the notes."""
+        verb = "created" if self.created else "synced"
+        line = f"{verb} MLflow run {self.run_id} at {self.tracking_uri}: sent {self.counts()}"
+        return "; ".join([line, *self.notes])
+
+
+def read_journal(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/tracking.jsonl``, oldest first (an unreadable line is skipped).
+
+    A line cut short (the process died while writing it) is the only expected bad line.
+    """
+    path = Path(run_dir) / JOURNAL_NAME
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "event" in record:
+                records.append(record)
+    return records
+
+
+def _metric_identity(step: int, value: float) -> tuple[int, float, bool]:
+    """How a metric value compares with a stored one: NaN as a flag, ±inf as MLflow stores it."""
+    if math.isnan(value):
+        return (step, 0.0, True)
+    if math.isinf(value):
+        # SQL stores cannot hold infinities; MLflow keeps the largest finite double instead.
+        return (step, math.copysign(sys.float_info.max, value), False)
+    return (step, value, False)
+
+
+def _local_metrics(run_dir: Path) -> dict[str, dict[tuple[int, float, bool], float]]:
+    """Every metric value of ``metrics.jsonl`` per (sanitized) key, as the tracker sent it."""
+    path = run_dir / METRICS_NAME
+    found: dict[str, dict[tuple[int, float, bool], float]] = {}
+    if not path.is_file():
+        return found
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            step = int(record.pop("step"))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a line cut short by a crash
+        flat: dict[str, float] = {}
+        for key, value in record.items():
+            with contextlib.suppress(TypeError, ValueError):
+                flat[sanitize_key(key)] = float(value)  # as MlflowTracker.log_metrics does
+        for key, value in flat.items():
+            found.setdefault(key, {})[_metric_identity(step, value)] = value
+    return found
+
+
+def _process_alive(record: Mapping[str, Any]) -> bool:
+    """Whether the process of an ``attach`` record still runs (only knowable on its host)."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    pid = int(record["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _artifact_files(local: Path, artifact_path: str | None) -> list[tuple[Path, str]]:
+    """``(file, artifact folder)`` pairs that ``log_artifact(local, artifact_path)`` uploads."""
+    base = artifact_path.strip("/") if artifact_path else ""
+    if local.is_file():
+        return [(local, base)]
+    pairs = []
+    for file in sorted(local.rglob("*")):
+        if file.is_file():
+            parent = file.parent.relative_to(local).as_posix()
+            folder = "/".join(part for part in (base, parent) if part and part != ".")
+            pairs.append((file, folder))
+    return pairs
+
+
+def sync_run(run_dir: str | Path, *, tracking_uri: str | None = None) -> SyncResult:
+    """Send whatever the tracking store lacks of the run recorded in ``run_dir``.
+
+    ``run_dir`` is a run folder with a tracking journal (``tracking.jsonl``, written by an
+    :class:`MlflowTracker` with :meth:`~MlflowTracker.attach_run_dir`) and the engine's
+    ``metrics.jsonl``. The run goes to ``tracking_uri``, by default the one the run used.
+    Compared with what the store holds, this sends: metric values missing at their (key, step)
+    (so syncing twice sends nothing twice), params the run lacks, tags whose value differs,
+    artifact files missing or of another size; then the final status from the journal
+    (FINISHED, FAILED or KILLED). A run whose process is gone without an end record becomes
+    FAILED. When the store has no run for the folder yet (the run started elsewhere, or the
+    store was replaced), the run is created and the journal remembers its id.
+
+    Raises :class:`~artplug.errors.ArtplugError` (one line) when the folder has no journal,
+    the run is still in progress, or the store cannot be reached.
+    """
+    import mlflow
+
+    folder = Path(run_dir)
+    if not (folder / JOURNAL_NAME).is_file():
+        raise ArtplugError(
+            f"{folder}: no tracking journal ({JOURNAL_NAME}) in this folder; give the run "
+            "folder of an `artplug run` that was tracked with MLflow"
+        )
+    records = read_journal(folder)
+    attaches = [r for r in records if r["event"] == "attach"]
+    if not attaches:
+        raise ArtplugError(f"{folder / JOURNAL_NAME}: the journal does not name its run")
+    attach = attaches[-1]
+    after_attach = records[records.index(attach) :]
+    ends = [r for r in after_attach if r["event"] == "end"]
+    if not ends and _process_alive(attach):
+        raise ArtplugError(
+            f"{folder}: the run is still in progress (process {attach['pid']}); sync it once "
+            "it has ended"
+        )
+    # The store the run was tracked in; and every (store, run id) pair the journal knows,
+    # including runs that an earlier sync created in another store.
+    starts = [r for r in records if r["event"] == "start" and r.get("tracking_uri")]
+    runs = [r for r in records if r["event"] in ("start", "sync") and r.get("run_id")]
+
+    _quiet_store_setup_logs()
+    if tracking_uri is not None:
+        uri = _absolute_uri(tracking_uri)
+    elif starts:
+        uri = str(starts[-1]["tracking_uri"])
+    else:
+        uri = str(attach.get("tracking_uri") or _absolute_uri(mlflow.get_tracking_uri()))
+    known = [r["run_id"] for r in runs if r.get("tracking_uri") == uri]
+    run_id: str | None = str(known[-1]) if known else None
+
+    result = SyncResult(run_id="", tracking_uri=uri)
+    with _http_settings(_SYNC_HTTP):
+        _probe_http(uri)
+        try:
+            with _store_lock(uri):
+                client = mlflow.MlflowClient(tracking_uri=uri)
+                run = None
+                if run_id is not None:
+                    try:
+                        run = client.get_run(run_id)
+                    except Exception as exc:
+                        if getattr(exc, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                            raise
+                        result.notes.append(f"run {run_id} is not in this store: created anew")
+                if run is None:
+                    experiment_id = _experiment_id(
+                        client, str(attach["experiment"]), attach.get("artifact_location")
+                    )
+                    run = client.create_run(
+                        experiment_id,
+                        start_time=int(attaches[0]["time_ms"]),
+                        tags=dict(attach.get("tags") or {}),
+                        run_name=str(attach.get("run_name") or folder.name),
+                    )
+                    result.created = True
+                    # Remembered at once: a sync that fails later must not create a second run.
+                    _append_journal(
+                        folder,
+                        {"event": "sync", "run_id": run.info.run_id, "tracking_uri": uri},
+                    )
+        except ArtplugError:
+            raise
+        except Exception as exc:
+            raise ArtplugError(
+                f"cannot sync {folder} to MLflow at '{uri}': {_short(exc, 400)}. Start the "
+                "tracking server, or pass --tracking-uri"
+            ) from exc
+        result.run_id = run_id = str(run.info.run_id)
+        try:
+            _sync_contents(client, run, folder, records, after_attach, result)
+        except Exception as exc:
+            raise ArtplugError(
+                f"sync of {folder} to MLflow run {run_id} at '{uri}' stopped: {_short(exc, 400)}; "
+                "run it again to send the rest (nothing is sent twice)"
+            ) from exc
+    _append_journal(
+        folder,
+        {
+            "event": "sync",
+            "run_id": run_id,
+            "tracking_uri": uri,
+            "sent": {
+                "metrics": result.metrics,
+                "params": result.params,
+                "tags": result.tags,
+                "artifacts": result.artifacts,
+            },
+            "status": result.status,
+        },
+    )
+    return result
+
+
+def _sync_contents(
+    client: MlflowClient,
+    run: Any,
+    folder: Path,
+    records: Sequence[Mapping[str, Any]],
+    after_attach: Sequence[Mapping[str, Any]],
+    result: SyncResult,
+) -> None:
+    """The body of :func:`sync_run` once the run is known: params, tags, metrics, files, status."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    run_id = str(run.info.run_id)
+    # Params: immutable in MLflow; the first value journaled is the one the run used.
+    params: dict[str, str] = {}
+    for record in records:
+        if record["event"] == "params":
+            for key, value in dict(record.get("params") or {}).items():
+                params.setdefault(str(key), str(value))
+    stored_params = run.data.params
+    missing_params = [Param(k, v) for k, v in params.items() if k not in stored_params]
+    clashes = sorted(k for k, v in params.items() if k in stored_params and stored_params[k] != v)
+    if clashes:
+        result.notes.append(
+            f"{len(clashes)} params differ in the store and were left as they are "
+            f"({', '.join(clashes[:3])}{', ...' if len(clashes) > 3 else ''})"
+        )
+    for params_chunk in _chunks(missing_params, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=params_chunk)
+    result.params = len(missing_params)
+
+    # Tags: may change during a run; the last value journaled wins.
+    tags: dict[str, str] = {}
+    for record in records:
+        if record["event"] == "tags":
+            tags.update({str(k): str(v) for k, v in dict(record.get("tags") or {}).items()})
+    stored_tags = run.data.tags
+    changed_tags = [RunTag(k, v) for k, v in tags.items() if stored_tags.get(k) != v]
+    for tags_chunk in _chunks(changed_tags, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=tags_chunk)
+    result.tags = len(changed_tags)
+
+    # Metrics: compared per key on (step, value), so that a second sync sends nothing again.
+    timestamp = _now_ms()
+    missing: list[Metric] = []
+    for key, values in _local_metrics(folder).items():
+        stored = {_metric_identity(m.step, m.value) for m in client.get_metric_history(run_id, key)}
+        for identity, value in sorted(values.items()):
+            if identity not in stored:
+                missing.append(Metric(key, value, timestamp, identity[0]))
+    for metrics_chunk in _chunks(missing, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics_chunk)
+    result.metrics = len(missing)
+
+    # Artifacts: every file the run logged, uploaded when the store lacks it (or its size
+    # differs: metrics.jsonl, say, was uploaded before the run's last lines were written).
+    listings: dict[str, dict[str, int | None]] = {}
+    seen: set[tuple[str, str]] = set()
+    for record in records:
+        if record["event"] != "artifact":
+            continue
+        local = Path(str(record["path"]))
+        local = local if local.is_absolute() else folder / local
+        if not local.exists():
+            result.notes.append(f"artifact {local} no longer exists locally: not sent")
+            continue
+        for file, target in _artifact_files(local, record.get("artifact_path")):
+            name = f"{target}/{file.name}" if target else file.name
+            if (name, str(file)) in seen:
+                continue
+            seen.add((name, str(file)))
+            if target not in listings:
+                try:
+                    listing = client.list_artifacts(run_id, target or None)
+                except Exception:  # an artifact folder the store has never seen
+                    listing = []
+                listings[target] = {info.path: info.file_size for info in listing}
+            if listings[target].get(name, -1) == file.stat().st_size:
+                continue
+            client.log_artifact(run_id, str(file), target or None)
+            listings[target][name] = file.stat().st_size
+            result.artifacts += 1
+
+    models = [r for r in after_attach if r["event"] == "model"]
+    if models and not models[-1].get("logged"):
+        result.notes.append(
+            "the trained model was not logged to MLflow while offline; its weights are in the "
+            "checkpoints/ artifacts"
+        )
+
+    # Status: the journal's, else the process is gone without closing its run: FAILED.
+    ends = [r for r in after_attach if r["event"] == "end"]
+    if ends:
+        status, end_ms = str(ends[-1]["status"]), int(ends[-1]["time_ms"])
+    else:
+        status, end_ms = "FAILED", int(after_attach[-1]["time_ms"])
+        with contextlib.suppress(OSError):
+            end_ms = max(end_ms, int((folder / METRICS_NAME).stat().st_mtime * 1000))
+        result.notes.append("the run's process ended without closing the run: marked FAILED")
+    if run.info.status != status:
+        client.set_terminated(run_id, status, end_time=end_ms)
+        result.status = status
+
+
+def _append_journal(folder: Path, record: Mapping[str, Any]) -> None:
+    """Append one record to ``folder``'s journal (used by sync, outside any tracker)."""
+    line = json.dumps({"time_ms": _now_ms(), **record}, default=str)
+    with (folder / JOURNAL_NAME).open("a", encoding="utf-8") as journal:
+        journal.write(line + "\n")

@@ -4,7 +4,8 @@ Reference: S. Wu, J. Sang, K. Xu, G. Zheng, C. Xu, "Adaptive Adversarial Logits 
 arXiv:2005.11904 (ACM TOMM 2024). No official code exists and only the abstract and the start
 of the introduction could be read: the exact selection rule of the dropout, its placement, the
 weighting function and every hyperparameter are **not known**. Everything below is the spec's
-[READING] (techniques.md §6), with the open choices exposed as parameters; recipes that use it
+[READING] (docs/techniques/aalp.md), with the open choices exposed as parameters; recipes that use
+it
 are called "AALP-like".
 
 AALP is ALP (Kannan et al. 2018, see ``artplug_plugins.alp``) plus two modules that the
@@ -21,11 +22,12 @@ fc(features(x))``. The transform registers the dropout as the submodule ``guided
 and gives the model instance a forward ``fc(guided_dropout(features(x), fc))``. ``fc`` itself
 stays untouched, so a later ``hypersphere`` transform still finds its ``nn.Linear`` and
 replaces it; the forward looks ``fc`` up at call time and so uses the cosine head. Transform
-order (techniques.md §8 rule 3): SAT → SLAT sites → AALP dropout → HE head.
+order (docs/techniques/README.md, rule 3): SAT → SLAT sites → AALP dropout → HE head.
 
 When the dropout is on: only in training-mode forwards of the weight update (the phases
 ``"update-clean"``, ``"update-adv"`` and ``"update"`` of :func:`artplug.current_phase`). It is off
-in eval mode, in the attack (phase ``"attack"``, unless ``during_attack``; techniques.md §6(d):
+in eval mode, in the attack (phase ``"attack"``, unless ``during_attack``; docs/techniques/aalp.md,
+interactions:
 the attack must see the network without dropout) and in every forward outside the engine's
 step (phase ``"eval"``: validation, the sanity gate, user code), even in train mode.
 """
@@ -523,7 +525,8 @@ class AdaptiveLogitPairing:
     ``logit-pairing`` terms (``check_recipe`` rejects them). Under a hypersphere head the
     cross-entropies use ``s·cos`` (``artplug.logit_scale``) with the HE margin ``margin``
     (AT_HE's ALP+HE uses m = 0.3; ``margin`` needs the hypersphere transform), the pairing is
-    on the unscaled cosines, and so the weights come from the HE losses (techniques.md §6(d)).
+    on the unscaled cosines, and so the weights come from the HE losses (docs/techniques/aalp.md,
+    interactions).
     An example is misclassified when ``argmax z'_i ≠ y_i``.
 
     Readings (the exact form is [NOT FOUND]): the per-sample ``ce_i`` and ``lp_i``, the

@@ -9,14 +9,16 @@ periodically trains the model on benign examples, single-step adversarial exampl
 multi-step adversarial examples, stage by stage ("mixed benign examples" are mentioned too).
 
 What is a READING (the paper body and any official code could not be read; see
-techniques.md §2.6 and §10): the stage lengths and their unit (epochs here), the order, the
+docs/techniques/moat.md and docs/techniques/README.md, what could not be read): the stage lengths
+and their unit (epochs here), the order, the
 rule that the stages cycle for the whole run, the single-step attack (FGSM from a uniform
 random start with step 1.25·ε, as FastAT), the multi-step attack (PGD-10 with step ε/4, i.e.
 2/255 at 8/255, from a uniform random start), and the meaning of mixing (a fixed fraction of
 each adversarial batch left clean). Every one of these is a parameter; do not claim the
 paper's numbers with these defaults until the paper has been read.
 
-Each adversarial stage can also delegate to another built-in perturbation (techniques.md §8,
+Each adversarial stage can also delegate to another built-in perturbation
+(docs/techniques/README.md, combinations,
 row MOAT): ``single_attack = "slat"`` runs SLAT (plugins/slat.py; a [READING] of the matrix's
 "SLAT as single-step stage") and ``multi_attack = "spat"`` runs the SPAT-like attack
 (plugins/spat.py), each with its own parameters in the ``slat`` / ``spat`` sub-table.
@@ -99,7 +101,8 @@ class MOAT:
     update forward is never perturbed by the latent step of an earlier SLAT stage.
 
     Readings: the stage meanings and defaults above (see the module docstring), the use of SLAT
-    as the single-step stage and of SPAT as the multi-step stage (techniques.md §8, row MOAT),
+    as the single-step stage and of SPAT as the multi-step stage (docs/techniques/README.md,
+    combinations, row MOAT),
     and the clean rows' zero latent step.
     """
 
@@ -314,7 +317,7 @@ class MOATStages:
     step) as floats; the engine rounds it into the ``moat`` perturbation's integer ``stage``.
 
     The lengths, their unit, the default order and the cycling rule are our reading of the
-    abstract's "periodically ... stage by stage" (techniques.md §2.6), not the paper's values.
+    abstract's "periodically ... stage by stage" (docs/techniques/moat.md), not the paper's values.
     """
 
     name = "moat-stages"

@@ -2,7 +2,8 @@
 
 Reference: G. Park, S. Lee, "Reliably fast adversarial training via latent adversarial
 perturbation", ICCV 2021 (arXiv:2104.01575); official code ``geonyeong-park/SLAT`` (method name
-``advGNI`` there). The mechanics below follow the released code (techniques.md §7); the paper's
+``advGNI`` there). The mechanics below follow the released code (docs/techniques/slat.md); the
+paper's
 tables could not be read, so no number of it is claimed here.
 
 One forward and ONE backward on the clean batch give, at the same time, the gradient of the
@@ -64,7 +65,7 @@ DEFAULT_SITES: dict[str, tuple[str, ...]] = {
 }
 """Default sites per artplug architecture (class name), used when ``sites`` is not given."""
 
-# Transforms that latent-sites must precede (techniques.md §8 rule 3: SAT -> SLAT sites ->
+# Transforms that latent-sites must precede (docs/techniques/README.md, rule 3: SAT -> SLAT sites ->
 # AALP dropout -> HE head), so that later transforms see, and keep, the hooked modules.
 _MUST_FOLLOW_SITES = ("guided-dropout", "hypersphere")
 
@@ -223,7 +224,7 @@ class LatentSites:
     itself; the ``slat`` perturbation fills the sites every step.
 
     Order: list it before ``guided-dropout`` (AALP) and ``hypersphere`` (HE), after smooth
-    activations (SAT), as techniques.md §8 rule 3 fixes. The hooked modules must not be
+    activations (SAT), as docs/techniques/README.md, rule 3 fixes. The hooked modules must not be
     replaced by a later transform, and the model must not modify a site's output in place.
     """
 
@@ -312,7 +313,8 @@ class LatentSites:
 
     @classmethod
     def check_recipe(cls, params: Params, recipe: artplug.RecipeView) -> Iterable[str]:
-        """Require ``slat`` (or ``moat``), one listing, and the transform order of §8.
+        """Require ``slat`` (or ``moat``), one listing, and the transform order of
+        docs/techniques/README.md, combinations.
 
         ``moat`` is accepted because it can run SLAT as its single-step stage; whether it
         does (``single_attack = "slat"``) is a parameter of ``moat``, which a transform cannot
@@ -359,8 +361,9 @@ class Slat:
     ``δ_l`` comes from the clean latent gradient and is added to the latent map of the
     input-perturbed forward, as in the code. A model without sites gets only the input step
     (``check_recipe`` makes recipes add ``latent-sites``). Cost: one forward and one backward
-    more than the update, like FGSM-RS. Not offered with the ``trades`` loss (techniques.md
-    §7(d)); losses on the clean forward are fine, since the sites leave it unperturbed.
+    more than the update, like FGSM-RS. Not offered with the ``trades`` loss (see
+    docs/techniques/slat.md, interactions); losses on the clean forward are fine, since the sites
+    leave it unperturbed.
     """
 
     name = "slat"

@@ -20,7 +20,8 @@ training. This module registers one model transform, ``smooth-activation``, whic
   softplus ``(1/α)·log(1 + e^{αx})`` (derivative ``σ(αx)``; here ``activation = "softplus"``
   with ``softplus_beta = α``).
 
-Which parts are readings (techniques.md §5 and §10):
+Which parts are readings (docs/techniques/sat.md and docs/techniques/README.md, what could not be
+read):
 
 - the paper's α of the backward-only study is not known ([NOT FOUND]); the recipes use
   ``softplus_beta = 10``, our choice;
@@ -295,7 +296,8 @@ class SmoothActivation:
     derivative of ``activation`` during the phases of ``scope`` (the paper's first study, with
     the parametric softplus: ``activation = "softplus"``, ``softplus_beta`` = its α).
 
-    Readings (techniques.md §5): the α of that study is [NOT FOUND] (recipes use 10); "attacker"
+    Readings (docs/techniques/sat.md): the α of that study is [NOT FOUND] (recipes use 10);
+    "attacker"
     = the ``"attack"`` phase, "optimizer" = the ``"update*"`` phases, evaluation always has the
     plain ReLU derivative; SmoothReLU's ``b`` (one per replaced module, init 20 as the official
     code) is never weight-decayed, as in the official code, and is frozen when not learnable.

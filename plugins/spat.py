@@ -6,12 +6,13 @@ arXiv:2009.10978 (2020).
 What the abstract says: the adversarial examples used in adversarial training often change the
 meaning of the input (they become ambiguous between classes), which the authors believe hurts
 robustness; SPAT encourages the perturbation to fall on the pixels that are shared among all
-classes. Only the abstract could be read and no code was found (techniques.md §4, §10), so
+classes. Only the abstract could be read and no code was found (docs/techniques/spat.md,
+docs/techniques/README.md, what could not be read), so
 everything below the abstract's sentence is a READING: the saliency, its normalisation, the
 reduction over classes, the mask, how the mask enters the step, the L2 analogue and every
 default. The recipes built on it are labelled "-like"; do not claim the paper's numbers.
 
-The reading (techniques.md §4(b)), at every attack step on the current iterate ``x'``:
+The reading (docs/techniques/spat.md, method), at every attack step on the current iterate ``x'``:
 
 1. per-class input saliencies ``G_k = |∂ h_k(x') / ∂x'|`` for every class ``k``, where ``h`` is
    the model's raw output (``saliency_on = "logit"``; a hypersphere head outputs cosines, so
@@ -24,10 +25,15 @@ The reading (techniques.md §4(b)), at every attack step on the current iterate 
    channels summed first, and optionally divided by its per-example maximum);
 4. option A (``mode = "mask"``): the steepest-ascent step of the threat's norm on the attack
    objective is multiplied elementwise by ``M = shared ** gamma`` (``mask_mode = "soft"``) or
-   ``M = 1[shared >= tau]`` (``"hard"``), then projected. L-inf: ``α · sign(g) ⊙ M``; L2 (our
-   analogue): ``α · M ⊙ g / ‖g‖₂`` — the mask shrinks the unit L2 step elementwise exactly as
-   it shrinks the unit L-inf step, so a step never exceeds α and a uniform mask of 0.5 halves
-   it (normalising ``M ⊙ g`` instead would erase the mask's magnitude);
+   ``M = 1[shared >= tau]`` (``"hard"``), then (``keep_budget = true``, the default) rescaled
+   per example to the unmasked step's budget, then projected. L-inf: the unmasked step moves
+   each of the D elements by α, so the masked step gets the same total movement,
+   ``α · D · (M ⊙ sign(g)) / Σ M`` (shared elements may move by more than α; the projection
+   bounds the perturbation); L2: the same length α, ``α · M ⊙ g / ‖M ⊙ g‖₂``. The mask
+   thus redirects PGD's step towards the shared elements instead of shrinking it.
+   ``keep_budget = false`` is the behaviour before that change: ``α · sign(g) ⊙ M`` (L-inf)
+   or ``α · M ⊙ g / ‖g‖₂`` (L2), a step that never exceeds α and that a uniform mask of 0.5
+   halves — a weaker PGD (measured in docs/techniques/spat.md);
 5. option B (``mode = "penalty"``): ascend ``L(x') − λ · Σ (1 − shared) ⊙ |x' − x|`` with
    ``shared`` held fixed within the step (differentiating through the saliency would need
    second derivatives), i.e. step along ``∇L − λ (1 − shared) ⊙ sign(x' − x)``.
@@ -50,9 +56,11 @@ Cost per attack step: one forward and one backward batched over K + 1 directions
 backward passes of work, vectorised; ``directions_per_pass`` bounds its memory).
 
 Defaults (readings, untuned): ``reduce = "mean"``, soft mask with ``gamma = 1``, logit
-saliencies, per element, no renormalisation. ``min``, the most literal "shared by all
+saliencies, per element, no renormalisation of the shared map, and ``keep_budget = true`` (the
+masked step is rescaled to the full step size). ``min``, the most literal "shared by all
 classes", makes the shared map so small (median about 0.01 on a PGD-trained digits model) that
-the soft mask nearly stops the attack; docs/techniques/spat.md gives the measurements.
+a soft mask without ``keep_budget`` nearly stops the attack; docs/techniques/spat.md gives the
+measurements (benchmarks/spat_attack_strength.py compares the attack with PGD).
 With a mask of ones (hard mask, ``tau = 0``) the attack is exactly ``pgd`` (``loss = "ce"``)
 or ``trades-kl`` (``loss = "kl"``).
 """
@@ -171,6 +179,26 @@ def step_mask(
     return (shared >= tau).to(shared.dtype)
 
 
+def keep_step_budget(step: Tensor, step_size: float, norm: str) -> Tensor:
+    """The masked ``step`` rescaled per example to the unmasked step's budget.
+
+    L-inf: the unmasked step ``step_size · sign(g)`` moves every one of the D elements by
+    ``step_size``, a total (L1 mass) of ``D · step_size``; the masked step is rescaled to that
+    total, ``step · D · step_size / Σ|step|``, so the mask redistributes PGD's movement towards
+    the shared elements instead of removing most of it. An element may then move by more than
+    ``step_size`` in one step; the projection onto the eps-ball still bounds the perturbation.
+    L2: the step is rescaled to L2 length ``step_size`` (``step_size · M ⊙ g / ‖M ⊙ g‖₂`` for
+    the masked unit step), the unmasked step's length. An all-zero step (a mask of zeros, or a
+    zero gradient) stays zero.
+    """
+    flat = step.flatten(1)
+    # L-inf: the unmasked step's mean |element| is step_size; L2: its length is step_size.
+    size = flat.abs().mean(dim=1) if norm == "linf" else flat.norm(dim=1)
+    # Where the size is zero the step is zero too, so any finite divisor leaves it zero.
+    factor = step_size / size.clamp_min(_TINY)
+    return step * factor.view(-1, *([1] * (step.dim() - 1)))
+
+
 def penalty_objective(
     objective: Tensor, shared: Tensor, x_adv: Tensor, x: Tensor, lam: float
 ) -> Tensor:
@@ -192,12 +220,13 @@ class SPAT:
 
     Every step computes per-class input saliencies on the current iterate (one forward, one
     backward batched over the K classes and the objective), reduces them to a class-shared map
-    in [0, 1], and either multiplies the steepest-ascent step by a mask of that map
-    (``mode = "mask"``) or ascends the objective minus a penalty on changing non-shared
-    elements (``mode = "penalty"``); then projects onto the ball and [0, 1]. The objective is
-    cross-entropy (``loss = "ce"``, PGD-AT/HE) or TRADES' KL (``loss = "kl"``), on
-    ``attack_logit_scale · outputs``. See the module docstring for the formulas; every choice
-    past the abstract is a READING (techniques.md §4) exposed as a parameter.
+    in [0, 1], and either multiplies the steepest-ascent step by a mask of that map and
+    rescales it to the unmasked step's budget (``mode = "mask"``, ``keep_budget``) or ascends
+    the objective minus a penalty on changing non-shared elements (``mode = "penalty"``); then
+    projects onto the ball and [0, 1]. The objective is cross-entropy (``loss = "ce"``,
+    PGD-AT/HE) or TRADES' KL (``loss = "kl"``), on ``attack_logit_scale · outputs``. See the
+    module docstring for the formulas; every choice past the abstract is a READING
+    (docs/techniques/spat.md) exposed as a parameter.
 
     ``step_size = None``: ``2.5 · eps / steps`` for ``"ce"`` (pgd's rule, 2/255 at 8/255 and 10
     steps) and ``eps · 0.007 / 0.031`` for ``"kl"`` (trades-kl's rule), from the step's
@@ -250,6 +279,13 @@ class SPAT:
             False,
             description="divide the shared map by its per-example maximum, so the most shared "
             "element gets the full step",
+        )
+        keep_budget: bool = Field(
+            True,
+            description="mode = mask: rescale the masked step to the unmasked step's budget "
+            "(L-inf: the same total movement, step_size per element on average; L2: length "
+            "step_size), so the mask redirects the step; false: the mask shrinks the step "
+            "(the behaviour before this option, a weaker PGD)",
         )
         granularity: Literal["element", "pixel"] = Field(
             "element",
@@ -331,6 +367,12 @@ class SPAT:
                 if params.mode == "mask":
                     mask = step_mask(shared, params.mask_mode, float(params.gamma), params.tau)
                     step = mask * artplug.ascent_step(grad, step_size, threat.norm)
+                    if bool(params.keep_budget):
+                        # Without this the soft mask (median ~0.1 with reduce = "mean") shrinks
+                        # most steps to a tenth: a weaker PGD rather than a redirected one.
+                        # (Rescaling to max|step| = α, the L-inf size, is not enough: measured
+                        # in docs/techniques/spat.md, it leaves most elements at a tenth too.)
+                        step = keep_step_budget(step, step_size, threat.norm)
                 else:
                     direction = penalty_direction(grad, shared, x_adv, x, float(params.lam))
                     step = artplug.ascent_step(direction, step_size, threat.norm)
@@ -351,7 +393,8 @@ class SPAT:
         if "trades" in recipe.losses and params.loss != "kl":
             reasons.append(
                 'with the trades loss set loss = "kl": SPAT+TRADES masks the gradient of '
-                "TRADES' KL attack (techniques.md §4(d), §8), not of cross-entropy"
+                "TRADES' KL attack (docs/techniques/spat.md, interactions, "
+                "docs/techniques/README.md, combinations), not of cross-entropy"
             )
         return reasons
 

@@ -1,4 +1,6 @@
-"""Datasets (digits, torchvision errors and conversion) and the device-resident BatchLoader."""
+"""Datasets (digits, torchvision errors and conversion) and the device-resident BatchLoader.
+
+mnist-5k has its own file, tests/test_mnist.py."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _rows(x: torch.Tensor, y: torch.Tensor) -> Counter[bytes]:
 
 
 def test_datasets_constant() -> None:
-    assert DATASETS == ("digits", "cifar10", "cifar100", "svhn")
+    assert DATASETS == ("digits", "mnist-5k", "cifar10", "cifar100", "svhn")
 
 
 def test_digits_shapes_types_and_range(digits: DatasetSplits) -> None:
@@ -98,7 +100,14 @@ def test_digits_val_size_override() -> None:
 
 
 def test_unknown_dataset_lists_known_ones() -> None:
-    with pytest.raises(DataError, match="digits, cifar10, cifar100, svhn"):
+    with pytest.raises(DataError, match="digits, mnist-5k, cifar10, cifar100, svhn") as info:
+        load_dataset("imagenet")
+    assert "did you mean" not in str(info.value)
+
+
+def test_plain_mnist_points_to_mnist_5k() -> None:
+    # Full MNIST is not built in; the name most people will try gets a pointer to the sample.
+    with pytest.raises(DataError, match="did you mean 'mnist-5k'"):
         load_dataset("mnist")
 
 

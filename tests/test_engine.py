@@ -234,8 +234,11 @@ def test_device_and_amp_selection(monkeypatch):
     assert _amp_dtype("auto", cuda) == torch.bfloat16
     assert _amp_dtype("fp16", cuda) == torch.float16
     assert _amp_dtype("off", cuda) is None
-    with pytest.raises(ArtplugError, match="needs a CUDA device"):
-        _amp_dtype("bf16", cpu)
+    # Explicit bf16/fp16 run on CPU too (CPU autocast; tests/test_precision.py trains with them).
+    assert _amp_dtype("bf16", cpu) == torch.bfloat16
+    assert _amp_dtype("fp16", cpu) == torch.float16
+    with pytest.raises(ArtplugError, match="needs a CUDA or CPU device"):
+        _amp_dtype("bf16", torch.device("mps"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert select_device("auto").type == "cuda"
 

@@ -78,7 +78,7 @@ def test_eval_a_run_folder_uses_its_best_checkpoint(trained):
     )
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == "Test accuracy (linf, eps=0.1)"
+    assert lines[0] == "Test accuracy (linf, eps=0.1; first 40 of 359 test examples, in order)"
     assert [line.split()[0] for line in lines[3:7]] == ["clean", "fgsm", "pgd-20", "worst"]
     assert f"checkpoint: checkpoint-best.pt (epoch {best['epoch']}) from " in out
     assert "not logged to MLflow (the checkpoint has no MLflow run)" in out
@@ -114,7 +114,7 @@ def test_eval_a_checkpoint_file_with_options(trained, tmp_path):
     assert report["threat"] == {"norm": "linf", "eps": 0.0}
     accuracy = report["accuracy"]
     assert accuracy["pgd-20"] == accuracy["clean"]  # eps 0: no attack
-    assert report["sanity"]["n_examples"] == 25 and len(report["sanity"]["checks"]) == 5
+    assert report["sanity"]["n_examples"] == 25 and len(report["sanity"]["checks"]) == 7
     assert "Sanity gate: " in out and "eps curve (pgd-20, linf): 0: " in out
     assert (tmp_path / "e" / "eps_curve.png").is_file()
     assert f"results in {tmp_path / 'e'}" in out

@@ -24,6 +24,7 @@ from artplug.evaluate import (
     ATTACKS,
     AUTOATTACK_ART_PARTS,
     AUTOATTACK_MISSING,
+    PGD_ONLY_NOTE,
     MarginLoss,
     dlr_targets,
     evaluate,
@@ -300,8 +301,10 @@ def test_format_table() -> None:
         "-------+---------",
         "clean  |   95.12%",
         "pgd-20 |   40.00%",
+        "strongest single attack: pgd-20 (40.00%)",
+        PGD_ONLY_NOTE,
     ]
-    assert format_table({}).splitlines()[0] == "attack | accuracy"
+    assert format_table({}).splitlines() == ["attack | accuracy", "-------+---------"]
 
 
 def test_import_pulls_in_neither_art_nor_mlflow() -> None:

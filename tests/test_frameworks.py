@@ -1,5 +1,6 @@
 """The frameworks of the HE paper as recipes: every digits twin runs, the interaction matrix of
-techniques.md §8 is honoured (allowed stacks resolve and train; forbidden ones are rejected by
+docs/techniques/README.md, combinations is honoured (allowed stacks resolve and train; forbidden
+ones are rejected by
 `artplug validate` with the reason)."""
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ FAST = [
     'tracking.backend="none"',
 ]
 
-# The attack and loss stack of each base framework (techniques.md §2), without and with HE (§3).
+# The attack and loss stack of each base framework (docs/techniques/README.md), without and with HE
+# (docs/techniques/hypersphere.md).
 BASES = {
     "pgd-at": ({"use": "pgd", "steps": 2}, [{"use": "cross-entropy"}]),
     "trades": ({"use": "trades-kl", "steps": 2}, [{"use": "trades"}]),

@@ -89,7 +89,7 @@ def _replace_relus(model: nn.Module) -> int:
 
 
 def test_architectures_constant_lists_every_arch() -> None:
-    assert ARCHITECTURES == ("small-cnn", "preact-resnet18", "wide-resnet")
+    assert ARCHITECTURES == ("small-cnn", "preact-resnet18", "wide-resnet", "mnist-cnn")
 
 
 @pytest.mark.parametrize(("arch", "kwargs", "shape"), CASES)

@@ -148,8 +148,11 @@ def test_values_are_a_pure_function_of_progress_with_exactly_the_knobs(cls: type
 
 
 def test_knob_names() -> None:
-    for cls in (PiecewiseLR, CosineLR, CyclicLR):
+    for cls in (PiecewiseLR, CosineLR):
         assert make(cls).knobs() == frozenset({"lr_scale"})
+    # cyclic-lr also cycles the momentum, as torch's CyclicLR does by default.
+    assert make(CyclicLR).knobs() == frozenset({"lr_scale", "momentum"})
+    assert make(CyclicLR, cycle_momentum=False).knobs() == frozenset({"lr_scale"})
     assert make(LinearEpsWarmup).knobs() == frozenset({"threat.eps_scale"})
 
 

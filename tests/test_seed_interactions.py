@@ -1,10 +1,12 @@
-"""The interaction matrix of techniques.md §8 for the issue-4 techniques (SAT, SPAT, AALP, SLAT).
+"""The interaction matrix of docs/techniques/README.md, combinations for the issue-4 techniques
+(SAT, SPAT, AALP, SLAT).
 
 Every allowed stack is resolved, built and trained for two steps on digits; every forbidden one
 is rejected by `artplug validate` with its reason in the error line. The style follows
 tests/test_frameworks.py, which covers the base frameworks with and without HE.
 
-Transform order everywhere (§8 rule 3): smooth-activation -> latent-sites -> guided-dropout ->
+Transform order everywhere (docs/techniques/README.md, rule 3): smooth-activation -> latent-sites
+-> guided-dropout ->
 hypersphere.
 """
 

@@ -21,6 +21,7 @@ from artplug_plugins.pgd_at import PGD
 from artplug_plugins.spat import (
     SPAT,
     class_saliencies_and_gradient,
+    keep_step_budget,
     penalty_direction,
     penalty_objective,
     saliency_heads,
@@ -211,6 +212,12 @@ def test_soft_and_hard_masks() -> None:
 # ---------------------------------------------------------------- the masked step by hand
 
 
+def budget(mask: list[float], n: int = 3) -> Tensor:
+    """The L-inf keep_budget factor: D / Σ M, the unmasked step's total movement D·α over ours."""
+    total = sum(abs(v) for v in mask)
+    return as_batch([v * len(mask) / total for v in mask], n)
+
+
 @pytest.mark.parametrize(
     ("params", "mask"),
     [
@@ -221,22 +228,82 @@ def test_soft_and_hard_masks() -> None:
         ({"reduce": "min", "renormalize": True}, [1, 1, 0, 0]),
     ],
 )
-def test_one_linf_step_is_alpha_sign_times_mask(params: dict, mask: list[float]) -> None:
+def test_one_linf_step_keeps_the_total_movement_of_the_unmasked_step(
+    params: dict, mask: list[float]
+) -> None:
+    # keep_budget (default): α · D · M ⊙ sign(g) / Σ M, so Σ|step| = D · α, as for PGD's step.
     model = hand_model()
     x, y = hand_batch()
-    eps, alpha = 0.1, 0.04
+    eps, alpha = 1.0, 0.04  # a wide ball: the projection does not bind
     out = attack(steps=1, step_size=alpha, random_start=False, **params).generate(
         model, x, y, step_state(model, eps)
     )
+    expected = x + alpha * ce_grad(x, y).sign() * budget(mask)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    total = (out - x).abs().flatten(1).sum(dim=1)
+    torch.testing.assert_close(total, torch.full_like(total, 4 * alpha), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("params", "mask"),
+    [
+        ({"reduce": "mean"}, SHARED_MEAN),
+        ({"reduce": "min", "mask_mode": "soft", "gamma": 0.5}, [math.sqrt(v) for v in SHARED_MIN]),
+        ({"reduce": "geomean"}, SHARED_GEOMEAN),
+        ({"reduce": "mean", "mask_mode": "hard", "tau": 0.5}, [1, 1, 0, 1]),
+        ({"reduce": "min", "renormalize": True}, [1, 1, 0, 0]),
+    ],
+)
+def test_without_keep_budget_one_linf_step_is_alpha_sign_times_mask(
+    params: dict, mask: list[float]
+) -> None:
+    # The behaviour before keep_budget: the mask shrinks the step.
+    model = hand_model()
+    x, y = hand_batch()
+    eps, alpha = 0.1, 0.04
+    out = attack(
+        steps=1, step_size=alpha, random_start=False, keep_budget=False, **params
+    ).generate(model, x, y, step_state(model, eps))
     expected = x + alpha * ce_grad(x, y).sign() * as_batch(mask, 3)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
-def test_one_l2_step_is_the_mask_times_the_unit_l2_step() -> None:
+def test_keep_step_budget_on_fixed_tensors() -> None:
+    step = torch.tensor([[0.5, -0.25, 0.0, 0.25], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    # L-inf: mean |step| of example 0 is 0.25 -> factor 0.1 / 0.25 = 0.4; an all-zero step
+    # stays zero (no NaN).
+    torch.testing.assert_close(
+        keep_step_budget(step, 0.1, "linf"),
+        torch.tensor([[0.2, -0.1, 0.0, 0.1], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64),
+    )
+    # L2: ‖step_0‖ = sqrt(0.25 + 0.0625 + 0.0625) = sqrt(0.375).
+    expected = step * (0.1 / math.sqrt(0.375))
+    expected[1] = 0.0
+    torch.testing.assert_close(keep_step_budget(step, 0.1, "l2"), expected)
+    # A uniform mask changes nothing: the masked L-inf step is PGD's step again.
+    uniform = 0.3 * torch.tensor([[1.0, -1.0, 1.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(keep_step_budget(uniform, 0.1, "linf"), uniform / 3.0)
+
+
+def test_one_l2_step_is_the_unit_step_of_the_masked_gradient() -> None:
+    model = hand_model()
+    x, y = hand_batch()
+    eps, alpha = 5.0, 0.2
+    out = attack(steps=1, step_size=alpha, random_start=False).generate(
+        model, x, y, step_state(model, eps, "l2")
+    )
+    masked = as_batch(SHARED_MEAN, 3) * ce_grad(x, y)
+    expected = x + alpha * masked / masked.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, expected)
+    # The mask redirects the step; its length is alpha, as PGD's.
+    torch.testing.assert_close((out - x).flatten(1).norm(dim=1), torch.full((3,), alpha).double())
+
+
+def test_without_keep_budget_one_l2_step_is_the_mask_times_the_unit_l2_step() -> None:
     model = hand_model()
     x, y = hand_batch()
     eps, alpha = 0.5, 0.2
-    out = attack(steps=1, step_size=alpha, random_start=False).generate(
+    out = attack(steps=1, step_size=alpha, random_start=False, keep_budget=False).generate(
         model, x, y, step_state(model, eps, "l2")
     )
     grad = ce_grad(x, y)
@@ -247,15 +314,22 @@ def test_one_l2_step_is_the_mask_times_the_unit_l2_step() -> None:
     assert ((out - x).flatten(1).norm(dim=1) < alpha - 1e-3).all()
 
 
-def test_two_steps_follow_the_hand_formula_with_projection() -> None:
+@pytest.mark.parametrize("keep_budget", [True, False])
+def test_two_steps_follow_the_hand_formula_with_projection(keep_budget: bool) -> None:
     model = hand_model()
     x, y = hand_batch(low=0.0, high=1.0)
     eps, alpha = 0.05, 0.04
     threat = artplug.Threat("linf", eps)
-    mask = as_batch([1, 1, 0, 1], 3)
-    out = attack(steps=2, step_size=alpha, random_start=False, mask_mode="hard", tau=0.5).generate(
-        model, x, y, step_state(model, eps)
-    )
+    kept = [1, 1, 0, 1]
+    mask = budget(kept) if keep_budget else as_batch(kept, 3)
+    out = attack(
+        steps=2,
+        step_size=alpha,
+        random_start=False,
+        mask_mode="hard",
+        tau=0.5,
+        keep_budget=keep_budget,
+    ).generate(model, x, y, step_state(model, eps))
     expected = x
     for _ in range(2):
         expected = artplug.project(expected + alpha * ce_grad(expected, y).sign() * mask, x, threat)
@@ -270,9 +344,9 @@ def test_mask_uses_the_attack_logit_scale_for_the_cross_entropy() -> None:
     setattr(model, "artplug_attack_logit_scale", 15.0)  # noqa: B010
     x, y = hand_batch()
     alpha = 0.03
-    out = attack(steps=1, step_size=alpha, random_start=False, saliency_on="prob").generate(
-        model, x, y, step_state(model, 0.1)
-    )
+    out = attack(
+        steps=1, step_size=alpha, random_start=False, saliency_on="prob", keep_budget=False
+    ).generate(model, x, y, step_state(model, 0.1))
     scale = 15.0
     probs = torch.softmax(scale * x.flatten(1) @ W.T, dim=1)
     centred = W.unsqueeze(0) - (probs @ W).unsqueeze(1)
@@ -280,6 +354,13 @@ def test_mask_uses_the_attack_logit_scale_for_the_cross_entropy() -> None:
     normalised = prob_saliency / prob_saliency.amax(dim=2, keepdim=True)
     mask = normalised.mean(dim=1).view_as(x)
     expected = x + alpha * ce_grad(x, y, scale).sign() * mask
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    # The default keep_budget rescales each example's step by D / Σ M (here per example).
+    out = attack(steps=1, step_size=alpha, random_start=False, saliency_on="prob").generate(
+        model, x, y, step_state(model, 1.0)
+    )
+    factor = 4 / mask.flatten(1).sum(dim=1).view(-1, 1, 1, 1)
+    expected = x + alpha * ce_grad(x, y, scale).sign() * mask * factor
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
@@ -423,7 +504,9 @@ def test_kl_loss_masks_the_kl_gradient_from_the_gaussian_start() -> None:
     eps, alpha = 0.1, 0.03
     threat = artplug.Threat("linf", eps)
     torch.manual_seed(33)
-    out = attack(steps=1, step_size=alpha, loss="kl").generate(model, x, y, step_state(model, eps))
+    out = attack(steps=1, step_size=alpha, loss="kl", keep_budget=False).generate(
+        model, x, y, step_state(model, eps)
+    )
     torch.manual_seed(33)
     start = artplug.project(x + 0.001 * torch.randn_like(x), x, threat)
     # One clean forward (the fixed target), then the step's forward at the start.
@@ -539,6 +622,7 @@ def test_params_defaults_and_validation() -> None:
         False,
         "element",
     )
+    assert params.keep_budget is True  # the mask redirects the step (docs/techniques/spat.md)
     with pytest.raises(ValidationError, match="random_start = true"):
         SPAT.Params(loss="kl", random_start=False)
     for bad in (
