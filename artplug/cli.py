@@ -12,22 +12,19 @@ stops at a step boundary and prints its ``artplug resume`` command). ``--help``,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shlex
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
-from artplug.errors import ArtplugError, CheckpointError, PluginError
-from artplug.kinds import KINDS
-from artplug.lab import ERROR_TAG, FORMATS, RUN_ID, Format
+from artplug.errors import ArtplugError, PluginError
+from artplug.kinds import KINDS, Kind
+from artplug.lab import FORMATS, Format
 from artplug.plugins import PluginSet, load_plugins, report_warnings
 
 KIND_TITLES = {
@@ -140,30 +137,6 @@ def _load(plugin_set: PluginSet, recipe: str, overrides: Sequence[str]) -> Any:
     )
 
 
-def _resolve(
-    plugin_set: PluginSet,
-    raw: Mapping[str, Any],
-    source: str,
-    overrides: Sequence[str],
-    *,
-    check_out_dir: bool = False,
-) -> Any:
-    """A parsed recipe (from a checkpoint or an MLflow run) resolved like :func:`_load`.
-
-    ``check_out_dir``: the recipe will create a run folder in ``run.out_dir`` (rerun, fork).
-    """
-    from artplug.recipe import resolve
-
-    return resolve(
-        raw,
-        plugin_set.registries,
-        source=source,
-        overrides=overrides,
-        failure_hint=plugin_set.failure_hint(),
-        check_out_dir=check_out_dir,
-    )
-
-
 def make_cli(plugin_set: PluginSet) -> click.Group:
     """Build the command group for ``plugin_set`` (tests call this with their own plugins)."""
 
@@ -201,7 +174,16 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         plugin_set = _plugin_set(ctx)
         resolved = _load(plugin_set, recipe, _with_threads(overrides, threads))
         _busy_hint(resolved.run.threads)
-        _run(plugin_set, resolved, no_track=no_track, quiet=quiet, max_steps=max_steps)
+        from artplug.workflows import run_recipe
+
+        run_recipe(
+            plugin_set,
+            resolved,
+            no_track=no_track,
+            quiet=quiet,
+            max_steps=max_steps,
+            echo=click.echo,
+        )
 
     @cli.command()
     @click.argument("checkpoint", type=click.Path())
@@ -237,17 +219,13 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         run folder and MLflow run from it instead (e.g. --fork --set run.epochs=100 to train a
         finished run longer). The recipe comes from the checkpoint; --set can change it.
         """
-        from artplug import checkpoint as ckpt
-        from artplug.engine import CHECKPOINT_NAME
+        from artplug.workflows import load_resumable, resolve_saved, run_recipe
 
-        path = Path(checkpoint)
-        if path.is_dir():
-            path = path / CHECKPOINT_NAME
-        payload = ckpt.load(path, purpose="resume", allow_unsafe_pickle=allow_unsafe_pickle)
-        if not fork:
-            _check_resumable(path, payload, allow_unsafe_pickle)
+        path, payload = load_resumable(
+            checkpoint, fork=fork, allow_unsafe_pickle=allow_unsafe_pickle
+        )
         plugin_set = _plugin_set(ctx)
-        resolved = _resolve(
+        resolved = resolve_saved(
             plugin_set,
             payload["recipe"],
             str(path),
@@ -255,7 +233,7 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
             check_out_dir=fork,  # a fork starts a new run folder in run.out_dir
         )
         _busy_hint(resolved.run.threads)
-        _run(
+        run_recipe(
             plugin_set,
             resolved,
             no_track=no_track,
@@ -263,6 +241,7 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
             max_steps=None,
             resume=(path, payload),
             fork=fork,
+            echo=click.echo,
         )
 
     @cli.command(name="eval")
@@ -338,6 +317,8 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         per attack and in the worst case over the attacks. Results are printed, written to
         eval.json and logged to the checkpoint's MLflow run (unless --no-track).
         """
+        from artplug.workflows import EvalOptions, evaluate_target
+
         options = EvalOptions(
             attacks=list(attacks),
             n_examples=n_examples,
@@ -351,15 +332,22 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
             quiet=quiet,
             allow_unsafe_pickle=allow_unsafe_pickle,
         )
-        _eval(_plugin_set(ctx), target, options)
+        evaluate_target(_plugin_set(ctx), target, options, echo=click.echo)
 
     @cli.command()
     @click.argument("recipe", type=click.Path(dir_okay=False))
     @_set_option()
     @click.pass_context
     def validate(ctx: click.Context, recipe: str, overrides: tuple[str, ...]) -> None:
-        """Check RECIPE and print it resolved, with every default filled in."""
+        """Check RECIPE and print it resolved, with every default filled in.
+
+        The model is built on the CPU and the transforms applied (no data is loaded), so that a
+        technique that rejects its parameters or the model is reported before any training.
+        """
+        from artplug.workflows import validate_recipe
+
         resolved = _load(_plugin_set(ctx), recipe, overrides)
+        validate_recipe(resolved)
         click.echo(resolved.to_toml(), nl=False)
 
     @cli.command(name="list")
@@ -579,297 +567,44 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
 
         click.echo(sync_run(Path(run_dir), tracking_uri=tracking_uri).summary())
 
+    @cli.command(name="new-plugin")
+    @click.argument("name")
+    @click.option(
+        "--kind",
+        required=True,
+        type=click.Choice(["loss", "perturbation", "transform", "schedule"]),
+        help="The technique kind the skeleton implements.",
+    )
+    @click.option(
+        "--dir",
+        "parent",
+        default=".",
+        show_default=True,
+        type=click.Path(file_okay=False),
+        help="Folder to create the package folder artplug-NAME in.",
+    )
+    @click.pass_context
+    def new_plugin(ctx: click.Context, name: str, kind: str, parent: str) -> None:
+        """Write a plugin package skeleton for technique NAME (kebab-case) of one kind.
+
+        The package (pyproject.toml with the artplug entry point, one technique class,
+        contract tests from artplug.testing, a README) passes its tests right after
+        `pip install -e artplug-NAME` and `pytest artplug-NAME`.
+        """
+        from artplug.scaffold import new_plugin as write_skeleton
+
+        technique_kind = cast(Kind, kind)  # click.Choice above allows only the four kinds
+        registry = _plugin_set(ctx).registries.of(technique_kind)
+        if name in registry:
+            # The built-in (or the first installed package) would keep the name: refuse early.
+            owner = registry.get(name).plugin
+            raise ArtplugError(f"{kind} {name!r} is taken by plugin {owner!r}; pick another name")
+        root = write_skeleton(name, technique_kind, Path(parent))
+        click.echo(f"wrote {root}")
+        click.echo(f"next: pip install -e {root} && pytest {root}")
+
     plugin_set.pm.hook.register_commands(cli=cli)
     return cli
-
-
-RESUME_COMMAND_TAG = "artplug.resume_command"
-FORKED_FROM_TAG = "artplug.forked_from"
-FORKED_FROM_CHECKPOINT_TAG = "artplug.forked_from_checkpoint"
-FORK_FILE = "forked_from.json"
-
-
-def _finished_reason(folder: Path) -> str | None:
-    """Why the run in ``folder`` counts as finished (its final report exists), else None.
-
-    An ``eval.json`` written after a ``--max-steps`` smoke run says ``training_complete:
-    false``: that run may be continued. Any other ``eval.json`` (also one from before the
-    field existed) marks a finished run.
-    """
-    report = folder / "eval.json"
-    if not report.is_file():
-        return None
-    try:
-        complete = json.loads(report.read_text(encoding="utf-8")).get("training_complete", True)
-    except (ValueError, AttributeError):
-        complete = True
-    return None if complete is False else f"{folder} is a finished run (it has {report.name})"
-
-
-def _check_resumable(path: Path, payload: Mapping[str, Any], allow_unsafe_pickle: bool) -> None:
-    """Refuse (ResumeError, exit 2) to continue anything but the latest state of an open run.
-
-    Continuing writes into ``path``'s folder: from a finished run it would overwrite the
-    results; from an older checkpoint it would overwrite the newer checkpoint-last.pt and
-    re-train steps already done. ``--fork`` is the way to do either.
-    """
-    from artplug import checkpoint as ckpt
-    from artplug.engine import CHECKPOINT_NAME
-    from artplug.errors import ResumeError
-
-    folder = path.parent
-    fork = f"use 'artplug resume --fork {shlex.quote(str(path))}' to start a new run from it"
-    finished = _finished_reason(folder)
-    if finished is not None:
-        raise ResumeError(f"refused: {finished}; continuing would overwrite its results; {fork}")
-    last = folder / CHECKPOINT_NAME
-    if path.name == CHECKPOINT_NAME or not last.is_file():
-        return
-    latest = ckpt.load(last, purpose="eval", allow_unsafe_pickle=allow_unsafe_pickle)
-    step, latest_step = int(payload["step"]), int(latest.get("step", 0))
-    if step != latest_step:
-        raise ResumeError(
-            f"refused: {path} (step {step}) is not the latest checkpoint of {folder} "
-            f"({CHECKPOINT_NAME} is at step {latest_step}); resume continues only from "
-            f"{last}, or {fork}"
-        )
-
-
-def _resume_command(run_dir: Path, no_track: bool) -> str:
-    """The exact command that continues the run in ``run_dir``."""
-    from artplug.engine import CHECKPOINT_NAME
-
-    command = f"artplug resume {shlex.quote(str(run_dir / CHECKPOINT_NAME))}"
-    return command + (" --no-track" if no_track else "")
-
-
-def _run(
-    plugin_set: PluginSet,
-    resolved: Any,
-    *,
-    no_track: bool,
-    quiet: bool,
-    max_steps: int | None,
-    resume: tuple[Path, dict[str, Any]] | None = None,
-    fork: bool = False,
-    tracking_uri: str | None = None,
-    parent_run_id: str | None = None,
-    tags: Mapping[str, str] | None = None,
-    record_failure: bool = False,
-) -> str | None:
-    """Train, evaluate and track one resolved recipe; print the results; return the run id.
-
-    ``tracking_uri`` overrides the recipe's; ``parent_run_id`` and ``tags`` go to the new
-    MLflow run (``artplug sweep``, ``artplug rerun``). With ``record_failure`` a run that fails
-    before its tracking started (e.g. a dataset that cannot be found) still gets a FAILED
-    MLflow run, so that a sweep shows every combination it tried.
-
-    ``resume`` (checkpoint path, payload) continues that run in its folder and MLflow run;
-    with ``fork`` it starts a new folder and MLflow run from the checkpoint instead, tagged
-    ``artplug.forked_from`` (and ``forked_from.json`` in the folder). SIGTERM and SIGINT stop
-    training at a step boundary (:mod:`artplug.interrupt`): the run is KILLED, tagged
-    ``artplug.resume_command``, and the command is printed. A fresh run folder that holds
-    nothing after a failure is removed.
-    """
-    # Heavy imports happen here, not at module level, so --help and validate stay light.
-    from artplug import engine
-    from artplug.display import Display
-    from artplug.evaluate import format_table
-    from artplug.interrupt import StopRequest, stop_on_signals
-    from artplug.tracking import MlflowTracker, NullTracker, Tracker
-
-    display = Display(enabled=not quiet)
-    continuing = resume is not None and not fork
-    run_tags = dict(tags or {})
-    if resume is not None and fork:
-        run_tags[FORKED_FROM_TAG] = str(resume[1].get("tracking_run_id") or "")
-        run_tags[FORKED_FROM_CHECKPOINT_TAG] = str(resume[0].resolve())
-    tracker: Tracker
-    if no_track or resolved.tracking.backend == "none":
-        tracker = NullTracker()
-    else:
-        tracker = MlflowTracker(
-            resolved.tracking.experiment,
-            resolved.run.name,
-            tracking_uri=tracking_uri or resolved.tracking.uri,
-            resume_run_id=resume[1].get("tracking_run_id") if continuing and resume else None,
-            parent_run_id=parent_run_id,
-            tags=run_tags,
-        )
-    run_dir: Path | None = None
-    created = False
-    status = "FAILED"
-    stop = StopRequest()
-    try:
-        with stop_on_signals(stop):
-            components = engine.build(resolved)
-            # The folder is made only once the components are built, so that a recipe that
-            # cannot be built (dataset missing, bad plugin) leaves no empty run folder.
-            if continuing and resume:
-                run_dir = resume[0].parent
-            else:
-                run_dir = engine.make_run_dir(resolved)
-                created = True
-            if resume:
-                where = f"epoch {resume[1]['epoch']}, step {resume[1]['step']}"
-                display.line(
-                    f"forking {resume[0]} ({where}) into a new run"
-                    if fork
-                    else f"resuming from {resume[0]} ({where})"
-                )
-            display.line(
-                f"artplug run '{resolved.run.name}': {resolved.summary()} on "
-                f"{resolved.data.dataset} ({resolved.model.arch}), {resolved.threat.norm} "
-                f"eps={resolved.threat.eps:.4g}, {resolved.run.epochs} epochs, "
-                f"device {components.device}"
-            )
-            display.line(f"run folder: {run_dir}")
-            if isinstance(tracker, MlflowTracker):
-                tracker.attach_run_dir(run_dir)  # its journal there lets `artplug sync` fill gaps
-            engine.start_tracking(components, tracker, plugin_set.versions())
-            if resume and fork:
-                link = {
-                    "run_id": resume[1].get("tracking_run_id"),
-                    "checkpoint": str(resume[0].resolve()),
-                    "run_dir": str(resume[0].parent.resolve()),
-                    "epoch": int(resume[1]["epoch"]),
-                    "step": int(resume[1]["step"]),
-                }
-                (run_dir / FORK_FILE).write_text(json.dumps(link, indent=2) + "\n", "utf-8")
-                tracker.log_artifact(run_dir / FORK_FILE)
-            result = engine.fit(
-                components,
-                tracker,
-                run_dir=run_dir,
-                display=display,
-                max_steps=max_steps,
-                resume_from=resume[1] if resume else None,
-                stop=stop,
-            )
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        if run_dir is not None and (run_dir / engine.CHECKPOINT_NAME).exists():
-            command = _resume_command(run_dir, no_track)
-            if tracker.run_id is not None:
-                tracker.set_tags({RESUME_COMMAND_TAG: command})
-            click.echo(f"to continue this run: {command}", err=True)
-        raise
-    except Exception as exc:
-        if record_failure and tracker.run_id is None:
-            # Failed before engine.start_tracking: open the run now so the failure is on record.
-            with contextlib.suppress(ArtplugError):
-                tracker.start()
-                tracker.log_params(resolved.to_dict())
-        if tracker.run_id is not None:
-            tracker.set_tags({ERROR_TAG: _one_line(exc)})
-        raise
-    finally:
-        if status != "FINISHED" and run_dir is not None:
-            if created and engine.remove_if_unused(run_dir):
-                display.line(f"run {status.lower()} before training; nothing was kept")
-            else:
-                # Keep what the run produced: the last checkpoint and the metrics so far.
-                for name in (engine.CHECKPOINT_NAME, "metrics.jsonl", "recipe.resolved.toml"):
-                    path = run_dir / name
-                    if path.exists():
-                        tracker.log_artifact(
-                            path, artifact_path="checkpoints" if name.endswith(".pt") else None
-                        )
-                display.line(f"run {status.lower()}; its files are kept in {run_dir}")
-        tracker.end(status)  # type: ignore[arg-type]
-    click.echo(
-        format_table(
-            result.final,
-            title=_table_title(
-                result.report,
-                f"Test accuracy ({resolved.threat.norm}, eps={resolved.threat.eps:.4g})",
-            ),
-        )
-    )
-    _echo_report(result.report, result.sanity)
-    if result.rollbacks:
-        click.echo(
-            f"diverged {len(result.rollbacks)} time(s) and rolled back; the learning rate was "
-            f"multiplied by {result.lr_multiplier:g}"
-        )
-    click.echo(f"wall time {result.wall_time_s:.1f}s; files in {result.run_dir}")
-    click.echo(tracker.describe())
-    return tracker.run_id
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception as the one line the CLI would print for it (without ``Error:``)."""
-    from artplug.tracking import _short
-
-    if isinstance(exc, ArtplugError):
-        return exc.one_line()
-    return _short(exc, 1000)
-
-
-def _table_title(report: Mapping[str, Any], fallback: str) -> str:
-    """The final table's title from ``eval.json``'s fields: evaluation and training eps, N.
-
-    ``fallback`` when the report lacks them (a report written before these fields existed).
-    """
-    from artplug.evaluate import table_title
-
-    try:
-        threat, n = report["threat"], int(report["n_examples"])
-        return table_title(
-            threat["norm"],
-            float(threat["eps"]),
-            n,
-            int(report.get("test_split_size", n)),
-            train_eps=report.get("train_eps"),
-        )
-    except (KeyError, TypeError, ValueError):
-        return fallback
-
-
-def _echo_report(report: dict[str, Any], sanity: Any) -> None:
-    """What follows the accuracy table: the checkpoint used, the sanity gate, the eps curve."""
-    from artplug.sanity import gate_lines
-
-    if "checkpoint_reason" in report:
-        click.echo(
-            f"checkpoint: {report['checkpoint']} (epoch {report['checkpoint_epoch']}); "
-            f"{report['checkpoint_reason']}"
-        )
-    if sanity:
-        for line in gate_lines(sanity):
-            click.echo(line)
-    elif isinstance(report.get("sanity"), dict) and report["sanity"].get("error"):
-        click.echo(f"WARNING: the sanity gate could not run ({report['sanity']['error']})")
-    curve = report.get("eps_curve")
-    if isinstance(curve, dict):
-        if "points" in curve:
-            points = ", ".join(f"{eps:.4g}: {100 * acc:.1f}%" for eps, acc in curve["points"])
-            plot = f"; plot {curve['plot']}" if curve.get("plot") else ""
-            click.echo(f"eps curve ({curve['attack']}, {curve['norm']}): {points}{plot}")
-        if curve.get("error"):
-            click.echo(f"WARNING: the eps curve could not be computed ({curve['error']})")
-
-
-# ------------------------------------------------------------------------------------------
-# artplug eval
-
-
-@dataclass
-class EvalOptions:
-    """The options of ``artplug eval`` (see its ``--help``)."""
-
-    attacks: list[str] = field(default_factory=list)
-    n_examples: int | None = None
-    eps: float | None = None
-    sanity: bool = False
-    curve: list[float] = field(default_factory=list)
-    overrides: list[str] = field(default_factory=list)
-    no_track: bool = False
-    tracking_uri: str | None = None
-    out: Path | None = None
-    quiet: bool = False
-    allow_unsafe_pickle: bool = False
 
 
 def _parse_curve(text: str | None) -> list[float]:
@@ -887,177 +622,6 @@ def _parse_curve(text: str | None) -> list[float]:
             raise ArtplugError(f"--curve: eps values must be finite and >= 0, got {part.strip()}")
         values.append(value)
     return values
-
-
-def _check_attacks(names: Sequence[str]) -> None:
-    import difflib
-
-    from artplug.evaluate import ATTACKS
-
-    for name in names:
-        if name not in ATTACKS:
-            close = difflib.get_close_matches(name, list(ATTACKS), n=2, cutoff=0.6)
-            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-            raise ArtplugError(
-                f"--attack {name}: unknown attack{hint}; known: {', '.join(ATTACKS)}"
-            )
-
-
-def _pick_checkpoint(folder: Path) -> Path:
-    """A run folder's checkpoint-best.pt, else its checkpoint-last.pt."""
-    from artplug.engine import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME
-
-    for name in (BEST_CHECKPOINT_NAME, CHECKPOINT_NAME):
-        if (folder / name).is_file():
-            return folder / name
-    raise CheckpointError(
-        f"{folder}: no {BEST_CHECKPOINT_NAME} or {CHECKPOINT_NAME} in this folder"
-    )
-
-
-def _download_run_checkpoint(run_id: str, dest: Path, tracking_uri: str | None) -> Path:
-    """The checkpoint of an MLflow run, downloaded into ``dest`` (best, else last)."""
-    from artplug.tracking import download_checkpoints
-
-    # artplug.tracking is the one module that imports mlflow.
-    folder = download_checkpoints(run_id, dest, tracking_uri=tracking_uri)
-    return _pick_checkpoint(folder)
-
-
-def _attach_tracker(resolved: Any, run_id: str, tracking_uri: str | None) -> Any:
-    """A tracker that logs into the existing run ``run_id`` and leaves its status alone."""
-    from artplug.tracking import MlflowTracker
-
-    return MlflowTracker(
-        resolved.tracking.experiment,
-        resolved.run.name,
-        tracking_uri=tracking_uri or resolved.tracking.uri,
-        resume_run_id=run_id,
-        keep_status=True,
-    )
-
-
-def _eval(plugin_set: PluginSet, target: str, options: EvalOptions) -> None:
-    """The body of ``artplug eval``."""
-    import tempfile
-
-    from artplug import checkpoint as ckpt
-
-    _check_attacks(options.attacks)
-    path = Path(target)
-    with tempfile.TemporaryDirectory(prefix="artplug-eval-") as scratch:
-        local = True
-        if path.is_dir():
-            path = _pick_checkpoint(path)
-        elif path.exists():
-            pass
-        elif RUN_ID.fullmatch(target):
-            path = _download_run_checkpoint(target, Path(scratch), options.tracking_uri)
-            local = False
-        else:
-            raise CheckpointError(f"{target}: no such checkpoint file, run folder or MLflow run id")
-        source = str(path) if local else f"MLflow run {target} ({path.name})"
-        # Safe load (weights_only): a downloaded checkpoint is as untrusted as any file.
-        payload = ckpt.load(
-            path, purpose="eval", allow_unsafe_pickle=options.allow_unsafe_pickle, source=source
-        )
-    _evaluate_payload(
-        plugin_set, payload, source, path.name, options, path.parent if local else None
-    )
-
-
-def _evaluate_payload(
-    plugin_set: PluginSet,
-    payload: dict[str, Any],
-    source: str,
-    checkpoint_name: str,
-    options: EvalOptions,
-    checkpoint_dir: Path | None,
-) -> None:
-    import tempfile
-    from datetime import datetime
-
-    from artplug import checkpoint as ckpt
-    from artplug import engine
-    from artplug.display import Display
-    from artplug.evaluate import format_table
-    from artplug.tracking import NullTracker, Tracker
-
-    ckpt.check_payload(payload, source, "eval")
-    overrides = list(options.overrides)
-    if options.eps is not None:
-        # The evaluation radius only: the recipe's training threat stays what it was.
-        overrides.append(f"eval.eps={options.eps!r}")
-    if options.n_examples is not None:
-        overrides.append(f"eval.test_examples={options.n_examples}")
-    if options.attacks:
-        overrides.append(f"eval.final_attacks={json.dumps(list(dict.fromkeys(options.attacks)))}")
-    overrides.append(f"eval.eps_curve={json.dumps(options.curve)}")
-    resolved = _resolve(plugin_set, payload["recipe"], source, overrides)
-    display = Display(enabled=not options.quiet)
-    components = engine.build(resolved)
-    engine.load_weights(components, payload, source)
-    epoch, step = int(payload.get("epoch", 0)), int(payload.get("step", 0))
-    run_id = payload.get("tracking_run_id") if not options.no_track else None
-    tracker: Tracker = NullTracker()
-    if run_id:
-        tracker = _attach_tracker(resolved, str(run_id), options.tracking_uri)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = options.out
-    if out_dir is None and checkpoint_dir is not None:
-        out_dir = checkpoint_dir / f"eval-{stamp}"
-    threat = components.eval_threat
-    display.line(
-        f"artplug eval: {checkpoint_name} (epoch {epoch}) of '{resolved.run.name}' from "
-        f"{source}; {threat.norm} eps={threat.eps:.4g}, device {components.device}"
-    )
-
-    def log(metrics: Mapping[str, float], at_step: int) -> None:
-        tracker.log_metrics(metrics, step=at_step)
-
-    with contextlib.ExitStack() as stack:
-        if out_dir is None:  # a downloaded checkpoint: the files only go to MLflow
-            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="artplug-")))
-        else:
-            folder = out_dir
-            folder.mkdir(parents=True, exist_ok=True)
-        tracker.start()
-        try:
-            accuracy = engine.evaluate_test(components, display)
-            report: dict[str, Any] = {
-                "source": source,
-                "checkpoint": checkpoint_name,
-                "checkpoint_epoch": epoch,
-                "split": "test",
-                **engine.final_report_fields(components, accuracy),
-            }
-            # Numbers at another eps than the run's must not overwrite the run's own.
-            suffix = "" if options.eps is None else f"/eps_{threat.eps:g}"
-            log({f"eval/{name}_acc{suffix}": value for name, value in accuracy.items()}, step)
-            tracker.set_tags({"artplug.eval.checkpoint": f"{checkpoint_name} (epoch {epoch})"})
-            sanity = None
-            if options.sanity:
-                sanity, report["sanity"] = engine.run_gate(components, tracker, display, log, step)
-            if options.curve:
-                report["eps_curve"] = engine.run_eps_curve(
-                    components, folder, tracker, display, log, step
-                )
-            (folder / "eval.json").write_text(json.dumps(report, indent=2) + "\n", "utf-8")
-            tracker.log_artifact(folder / "eval.json", artifact_path=f"evals/eval-{stamp}")
-        finally:
-            # With keep_status the tracker leaves the run's status as it found it; without it,
-            # the reopened run is closed as FINISHED again (never left RUNNING).
-            tracker.end("FINISHED")
-    click.echo(format_table(accuracy, title=engine.final_table_title(components)))
-    click.echo(f"checkpoint: {checkpoint_name} (epoch {epoch}) from {source}")
-    _echo_report(report, sanity)
-    if out_dir is not None:
-        click.echo(f"results in {out_dir}")
-    if run_id:
-        click.echo(tracker.describe())
-    else:
-        reason = "--no-track" if options.no_track else "the checkpoint has no MLflow run"
-        click.echo(f"not logged to MLflow ({reason})")
 
 
 # ------------------------------------------------------------------------------------------
@@ -1142,6 +706,7 @@ def _sweep(
 
     from artplug import lab
     from artplug.tracking import MlflowTracker
+    from artplug.workflows import one_line, run_recipe
 
     plugin_set = _plugin_set(ctx)
     grid = lab.parse_grid(grid_specs)
@@ -1183,7 +748,7 @@ def _sweep(
                 lab.SWEEP_INDEX_TAG: f"{index}/{size}",
             }
             try:
-                outcome["run_id"] = _run(
+                outcome["run_id"] = run_recipe(
                     plugin_set,
                     child,
                     no_track=False,
@@ -1193,6 +758,7 @@ def _sweep(
                     parent_run_id=parent.run_id,
                     tags=tags,
                     record_failure=True,
+                    echo=click.echo,
                 )
                 outcome["status"] = "FINISHED"
             except KeyboardInterrupt:
@@ -1201,7 +767,7 @@ def _sweep(
             except Exception as exc:
                 # One combination failing (diverged, out of memory, a bug in a plugin) must not
                 # cost the others; its MLflow run is FAILED with the error as a tag.
-                outcome["error"] = _one_line(exc)
+                outcome["error"] = one_line(exc)
                 click.echo(f"run {index}/{size} ({label}) failed: {outcome['error']}", err=True)
         failed = sum(o["status"] != "FINISHED" for o in outcomes)
         status = "FAILED" if failed == size else "FINISHED"
@@ -1274,22 +840,24 @@ def _rerun(
 ) -> None:
     """The body of ``artplug rerun``."""
     from artplug import lab
+    from artplug.workflows import resolve_saved, run_recipe
 
     raw, original = lab.fetch_logged_recipe(run_id, tracking_uri)
     plugin_set = _plugin_set(ctx)
     source = f"MLflow run {run_id} ({lab.RECIPE_ARTIFACT})"
-    resolved = _resolve(plugin_set, raw, source, overrides, check_out_dir=True)
+    resolved = resolve_saved(plugin_set, raw, source, overrides, check_out_dir=True)
     changes = f"with --set {' '.join(overrides)}" if overrides else "unchanged"
     note = (
         f"Re-run of MLflow run {run_id} ('{original.info.run_name}') from its logged "
         f"{lab.RECIPE_ARTIFACT}, {changes}."
     )
-    _run(
+    run_recipe(
         plugin_set,
         resolved,
         no_track=False,
         quiet=quiet,
         max_steps=max_steps,
+        echo=click.echo,
         tracking_uri=tracking_uri,
         tags={
             lab.RERUN_TAG: run_id,

@@ -166,6 +166,24 @@ def load_dataset(
     raise DataError(f"unknown dataset {name!r}{hint}; known datasets: {', '.join(DATASETS)}")
 
 
+def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
+    """``(input_shape, num_classes)`` of dataset ``name``, without loading it.
+
+    ``artplug validate`` builds the model from these, so that a recipe is checked in full
+    (transforms included) without reading any data.
+
+    Raises:
+        DataError: unknown name.
+    """
+    if name == "digits":
+        return (1, 8, 8), 10
+    if name == "mnist-5k":
+        return (1, 28, 28), 10
+    if name in _TORCHVISION:
+        return (3, 32, 32), _TORCHVISION[name].num_classes
+    raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+
+
 def _split_off(y: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(rest, chosen)`` with ``size`` examples chosen, stratified by label ``y``.
 

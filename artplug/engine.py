@@ -10,17 +10,20 @@ One optimizer step (DESIGN §4)::
         perturbation.after_backward(x_adv.grad, state)      # only if the perturbation has it
         optimizer.step()
     every log_every steps: one host sync, metrics to the tracker and the display
-    every eval.every_epochs epochs and at the end: ART evaluation; a checkpoint every epoch
+    every eval.every_epochs epochs: ART validation; a checkpoint every epoch
 
 Data stays on the device, and nothing inside the step calls ``.item()`` or ``.cpu()``: the
 running sums are device tensors read only at the logging cadence.
+
+:func:`fit` is the loop and nothing more; what happens after it (the final evaluation,
+``eval.json``, the gate, the curve, plots, model logging) is :mod:`artplug.workflows`'s, cost
+accounting is :mod:`artplug.costs`'s and checkpoint selection :mod:`artplug.selection`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import itertools
 import json
 import math
@@ -28,9 +31,7 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,19 +45,44 @@ from torch import Tensor, nn
 import artplug
 from artplug import checkpoint as ckpt
 from artplug import phase
-from artplug.data import BatchLoader, DatasetSplits, load_dataset
+from artplug.costs import (
+    CostLedger,
+    PassCounter,
+    counter_state,
+    load_counter,
+    peak_memory_mb,
+    reset_peak_memory,
+)
+from artplug.data import BatchLoader, DatasetSplits, dataset_shape, load_dataset
 from artplug.display import Display
-from artplug.errors import ArtplugError, CheckpointError, DivergenceError, PluginError
+from artplug.errors import (
+    ArtplugError,
+    CheckpointError,
+    DivergenceError,
+    PluginError,
+    RecipeError,
+)
 from artplug.interrupt import StopRequest
-from artplug.kinds import LossTerm, Outputs, Perturbation, Progress, Schedule, StepState, Threat
+from artplug.kinds import (
+    LossTerm,
+    Outputs,
+    Perturbation,
+    Progress,
+    Schedule,
+    StepState,
+    Threat,
+    UpdateHook,
+)
 from artplug.models import build_model
-from artplug.recipe import ResolvedRecipe
-from artplug.sanity import CheckResult
+from artplug.recipe import ResolvedRecipe, TechniqueSpec
+from artplug.selection import (
+    BEST_CHECKPOINT_NAME,
+    CHECKPOINT_NAME,
+    GOOD_CHECKPOINT_NAME,
+    CheckpointPolicy,
+    OverfitWatch,
+)
 from artplug.tracking import NullTracker, Tracker, flatten
-
-CHECKPOINT_NAME = "checkpoint-last.pt"
-GOOD_CHECKPOINT_NAME = "checkpoint-good.pt"
-BEST_CHECKPOINT_NAME = "checkpoint-best.pt"
 
 
 def select_device(requested: str = "auto") -> torch.device:
@@ -106,6 +132,8 @@ class Components:
     base_lrs: list[float] = field(default_factory=list)
     loss_terms_checked: bool = False
     """Whether the loss terms' outputs passed :func:`check_loss_terms` (done on the first step)."""
+    update_hooks: list[UpdateHook] = field(default_factory=list)
+    """The recipe's transforms that are also :class:`UpdateHook` s, in ``[[transform]]`` order."""
 
     @property
     def threat(self) -> Threat:
@@ -157,11 +185,10 @@ def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Comp
         seed=recipe.run.seed,
     )
     channels, height, _ = data.input_shape
-    model = build_model(
+    model: nn.Module = build_model(
         recipe.model.arch,
         in_channels=channels,
         num_classes=data.num_classes,
-        image_size=height,
         mean=data.mean,
         std=data.std,
         depth=recipe.model.depth,
@@ -170,8 +197,7 @@ def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Comp
     )
     # Transforms run on CPU before .to(device) and before the optimizer exists, so that any
     # parameters they add are moved and trained like the others.
-    for spec in recipe.transforms:
-        model = spec.build().apply(model)
+    model, transforms = transform_model(recipe, model)
     channels_last = recipe.run.channels_last == "on" or (
         recipe.run.channels_last == "auto" and device.type == "cuda"
     )
@@ -202,19 +228,82 @@ def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Comp
         data=data,
         model=model,
         optimizer=optimizer,
-        perturbation=recipe.perturbation.build(),
-        losses=[LossSlot(s.id, s.build(), s.weight) for s in recipe.losses],
-        schedules=[s.build() for s in recipe.schedules],
+        perturbation=construct(recipe, recipe.perturbation),
+        losses=[LossSlot(s.id, construct(recipe, s), s.weight) for s in recipe.losses],
+        schedules=[construct(recipe, s) for s in recipe.schedules],
         train_loader=train_loader,
         amp_dtype=amp_dtype,
         scaler=scaler,
         channels_last=channels_last,
         base_lrs=[group["lr"] for group in optimizer.param_groups],
+        update_hooks=[t for t in transforms if isinstance(t, UpdateHook)],
     )
 
 
-NO_WEIGHT_DECAY = "artplug_no_weight_decay"
-"""Attribute a transform sets to ``True`` on a parameter that ``[optim] weight_decay`` must skip."""
+# Technique code that rejects its parameters or its model raises these; anything else is a bug.
+_TECHNIQUE_REJECTIONS = (ValueError, KeyError, ArtplugError)
+
+
+def _rejected(recipe: ResolvedRecipe, spec: TechniqueSpec, exc: BaseException) -> RecipeError:
+    """A technique's rejection at build time as the one-line recipe error naming its place."""
+    if isinstance(exc, ArtplugError):
+        message = exc.one_line()
+    elif isinstance(exc, KeyError) and exc.args:
+        message = str(exc.args[0])  # str(KeyError) would quote the message
+    else:
+        message = str(exc)
+    message = message.removeprefix(f"{spec.use}: ")  # the location names the technique already
+    return RecipeError(recipe.source, [f"{spec.location} ({spec.use}): {message}"])
+
+
+def construct(recipe: ResolvedRecipe, spec: TechniqueSpec) -> Any:
+    """Instantiate ``spec``; a technique that rejects its parameters is a :class:`RecipeError`."""
+    try:
+        return spec.build()
+    except _TECHNIQUE_REJECTIONS as exc:
+        raise _rejected(recipe, spec, exc) from exc
+
+
+def transform_model(recipe: ResolvedRecipe, model: nn.Module) -> tuple[nn.Module, list[Any]]:
+    """Apply the recipe's transforms to ``model`` in order; return it and the transforms.
+
+    A transform that rejects the model (``latent-sites`` with a module name the model does not
+    have) is a :class:`~artplug.errors.RecipeError` naming its place, e.g. ``transform[0]
+    (latent-sites)``: a user error (exit 2), not a traceback.
+    """
+    transforms = []
+    for spec in recipe.transforms:
+        transform = construct(recipe, spec)
+        try:
+            model = transform.apply(model)
+        except _TECHNIQUE_REJECTIONS as exc:
+            raise _rejected(recipe, spec, exc) from exc
+        transforms.append(transform)
+    return model, transforms
+
+
+def check_build(recipe: ResolvedRecipe) -> None:
+    """Build what ``recipe`` builds without data, on the CPU: ``artplug validate``'s last check.
+
+    The model gets its input shape and classes from :func:`~artplug.data.dataset_shape`, the
+    transforms are applied to it and every technique is instantiated, so that a technique that
+    rejects its parameters or the model fails here, before any training. No data is loaded
+    and neither ART nor MLflow is imported.
+    """
+    (channels, _, _), num_classes = dataset_shape(recipe.data.dataset)
+    model = build_model(
+        recipe.model.arch,
+        in_channels=channels,
+        num_classes=num_classes,
+        mean=(0.5,) * channels,  # any statistics do: the weights are never used
+        std=(0.5,) * channels,
+        depth=recipe.model.depth,
+        width=recipe.model.width,
+        dropout=recipe.model.dropout,
+    )
+    transform_model(recipe, model)
+    for spec in (recipe.perturbation, *recipe.losses, *recipe.schedules):
+        construct(recipe, spec)
 
 
 def _build_optimizer(recipe: ResolvedRecipe, model: nn.Module) -> torch.optim.Optimizer:
@@ -222,8 +311,9 @@ def _build_optimizer(recipe: ResolvedRecipe, model: nn.Module) -> torch.optim.Op
     trained = [p for p in model.parameters() if p.requires_grad]
     # Parameters flagged by a transform (e.g. SmoothReLU's b) get no weight decay: decay would
     # pull such a shape parameter towards a different function, not towards small weights.
-    exempt = [p for p in trained if getattr(p, NO_WEIGHT_DECAY, False)]
-    decayed = [p for p in trained if not getattr(p, NO_WEIGHT_DECAY, False)]
+    # (marked with artplug.no_weight_decay).
+    exempt = [p for p in trained if artplug.is_no_weight_decay(p)]
+    decayed = [p for p in trained if not artplug.is_no_weight_decay(p)]
     params: list[dict[str, Any]] = [{"params": decayed}]
     if exempt:
         params.append({"params": exempt, "weight_decay": 0.0})
@@ -245,7 +335,8 @@ def _build_optimizer(recipe: ResolvedRecipe, model: nn.Module) -> torch.optim.Op
 
 
 def _coerce_like(current: Any, value: float) -> Any:
-    # Knobs travel as floats; an integer parameter (e.g. attack steps) gets a rounded int.
+    # Knobs travel as floats; an integer parameter (e.g. attack steps) gets a rounded int, so
+    # that the strict validation of the technique's Params accepts 5.0 as steps = 5.
     if isinstance(current, bool):
         return bool(value)
     if isinstance(current, int):
@@ -254,15 +345,35 @@ def _coerce_like(current: Any, value: float) -> Any:
 
 
 def _update_params(technique: Any, updates: Mapping[str, float]) -> None:
+    """Swap in a copy of ``technique.params`` with knob ``updates``, validated by its model.
+
+    Params are frozen pydantic models, and ``model_copy(update=...)`` would not validate: a
+    schedule could push a value out of its field's bounds unnoticed. An invalid knob value is a
+    :class:`PluginError` naming the technique, the knob and pydantic's reason.
+    """
     params = technique.params
     changed = {
         name: _coerce_like(getattr(params, name), value)
         for name, value in updates.items()
         if getattr(params, name) != value
     }
-    if changed:
-        # Params are frozen pydantic models: swap in an updated copy instead of mutating.
-        technique.params = params.model_copy(update=changed)
+    if not changed:
+        return
+    # Imported here: the rest of the engine needs no pydantic (kept to this function's edit).
+    from pydantic import ValidationError
+
+    try:
+        technique.params = artplug.kinds.updated_params(params, changed)
+    except ValidationError as exc:
+        name = technique.name
+        reasons = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise PluginError(
+            f"{name}: a schedule set an invalid parameter value ({reasons}); fix the "
+            "schedule's parameters in the recipe"
+        ) from None
 
 
 def apply_knobs(c: Components, knobs: Mapping[str, float]) -> Threat:
@@ -308,36 +419,6 @@ def apply_knobs(c: Components, knobs: Mapping[str, float]) -> Threat:
 
 # ------------------------------------------------------------------------------------------
 # The loop
-
-
-@dataclass
-class RunResult:
-    """What a finished (or interrupted) run leaves behind.
-
-    ``checkpoint`` is the last epoch's checkpoint (what ``resume`` continues from);
-    ``used_checkpoint`` and ``used_epoch`` name the one the final evaluation ran on. ``report``
-    is the content of ``eval.json``; ``sanity`` the gate's results (``None`` when it did not run);
-    ``cost`` the training cost (``eval.json``'s ``cost`` entry, see :class:`CostLedger`).
-    ``rollbacks`` lists the rollbacks ``run.on_nonfinite = "rollback"`` made (each a dict:
-    ``step``, ``terms``, ``to_step``, ``lr_multiplier``) and ``lr_multiplier`` is the factor
-    they left on the learning rate (``0.5 ** len(rollbacks)``). ``training_complete`` is false
-    when ``max_steps`` cut training short of the recipe's epochs (``resume`` may continue it).
-    """
-
-    run_dir: Path
-    final: dict[str, float]
-    history: list[dict[str, float]]
-    wall_time_s: float
-    epochs_done: int
-    checkpoint: Path
-    used_checkpoint: str = CHECKPOINT_NAME
-    used_epoch: int = 0
-    report: dict[str, Any] = field(default_factory=dict)
-    sanity: list[CheckResult] | None = None
-    cost: dict[str, Any] = field(default_factory=dict)
-    rollbacks: list[dict[str, Any]] = field(default_factory=list)
-    lr_multiplier: float = 1.0
-    training_complete: bool = True
 
 
 def make_run_dir(recipe: ResolvedRecipe) -> Path:
@@ -400,6 +481,13 @@ def _first(x: Tensor, y: Tensor, n: int | None) -> tuple[Tensor, Tensor]:
     subset, so that numbers on the same N are computed on the same images everywhere.
     """
     return (x, y) if n is None or n >= len(x) else (x[:n], y[:n])
+
+
+def first_test_examples(c: Components, n: int | None) -> tuple[Tensor, Tensor]:
+    """The first ``n`` test examples in order: the gate and the curve see a prefix of the
+    examples the final evaluation attacked."""
+    x, y = c.data.test
+    return _first(x, y, n)
 
 
 def test_subset_label(n: int, total: int) -> str:
@@ -556,7 +644,11 @@ def train_step(
     threat = apply_knobs(c, knobs)
     model, perturbation = c.model, c.perturbation
     attack_train_mode = c.recipe.perturbation.model_mode == "train"
-    after_backward = getattr(perturbation, "after_backward", None)
+    # Optional capabilities (artplug.AfterBackward, artplug.Replays), checked once per step.
+    after_backward = (
+        perturbation.after_backward if isinstance(perturbation, artplug.AfterBackward) else None
+    )
+    replays = perturbation.replays if isinstance(perturbation, artplug.Replays) else 1
     needs_clean = any("clean" in slot.term.needs for slot in c.losses)
     needs_adv = any("adv" in slot.term.needs for slot in c.losses)
     autocast = (
@@ -564,13 +656,19 @@ def train_step(
         if c.amp_dtype is not None
         else contextlib.nullcontext()
     )
-    for replay in range(getattr(perturbation, "replays", 1)):
+    for replay in range(replays):
         state = StepState(progress, knobs, model, threat, replay)
         with autocast:
             model.train(attack_train_mode)
             with phase.running("attack"):
                 x_adv = perturbation.generate(model, x, y, state)
             model.train()
+            # Before the update's forwards (and before x_adv may require grad): an update hook
+            # moves the weights the update's gradient is taken at (AWP), see kinds.UpdateHook.
+            if c.update_hooks:
+                with phase.running("update"):
+                    for hook in c.update_hooks:
+                        hook.before_update(model, x, x_adv, y, state)
             if after_backward is not None:
                 x_adv.requires_grad_(True)
             # The phases tell transforms which pass this is (artplug/phase.py): a latent
@@ -593,6 +691,9 @@ def train_step(
             c.scaler.scale(loss).backward()
         else:
             loss.backward()
+        # The gradient was taken at the hooks' weights; the optimizer steps from the originals.
+        for hook in reversed(c.update_hooks):
+            hook.after_backward_update(model)
         if after_backward is not None:
             after_backward(x_adv.grad, state)
         if c.scaler is not None:
@@ -686,7 +787,8 @@ def evaluate_with_worst(
 
 
 def _checkpoint_payload(c: Components, epoch: int, step: int, run_id: str | None) -> dict[str, Any]:
-    state_dict = getattr(c.perturbation, "state_dict", None)
+    # Only a perturbation with the artplug.Stateful capability has state to save.
+    perturbation = c.perturbation
     return {
         "artplug_version": artplug.__version__,
         "recipe": c.recipe.to_dict(),
@@ -695,7 +797,9 @@ def _checkpoint_payload(c: Components, epoch: int, step: int, run_id: str | None
         "model": c.model.state_dict(),
         "optimizer": c.optimizer.state_dict(),
         "scaler": c.scaler.state_dict() if c.scaler is not None else None,
-        "perturbation": state_dict() if callable(state_dict) else None,
+        "perturbation": (
+            perturbation.state_dict() if isinstance(perturbation, artplug.Stateful) else None
+        ),
         "rng": ckpt.rng_states(),
         "tracking_run_id": run_id,
     }
@@ -707,9 +811,8 @@ def restore(c: Components, payload: Mapping[str, Any], source: str) -> tuple[int
     _load_matching(c.optimizer.load_state_dict, payload, "optimizer", source)
     if c.scaler is not None and payload.get("scaler"):
         c.scaler.load_state_dict(payload["scaler"])
-    load_state = getattr(c.perturbation, "load_state_dict", None)
-    if callable(load_state) and payload.get("perturbation") is not None:
-        load_state(payload["perturbation"])
+    if isinstance(c.perturbation, artplug.Stateful) and payload.get("perturbation") is not None:
+        c.perturbation.load_state_dict(payload["perturbation"])
     try:
         ckpt.restore_rng_states(payload["rng"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -782,165 +885,6 @@ def evaluate_test(c: Components, display: Display | None = None) -> dict[str, fl
     return _evaluate(c, "test", settings.final_attacks, settings.test_examples, display)
 
 
-# ------------------------------------------------------------------------------------------
-# Cost accounting
-
-
-class PassCounter:
-    """Counts the network passes of training steps, in example rows, from outside the step.
-
-    A forward hook on the top-level model adds each forward's batch size to ``forward_rows``,
-    and to ``attack_rows`` too when the forward runs inside ``Perturbation.generate`` (phase
-    ``"attack"``). When the output requires grad, a tensor hook on it adds the same rows to
-    ``backward_rows`` each time a gradient flows back through it: the weight update's
-    ``loss.backward()`` and an attack's ``torch.autograd.grad`` alike, while a forward whose
-    output no loss uses (or that ran under ``no_grad``) costs no backward. Forwards in phase
-    ``"eval"`` (validation, evaluation, anything outside the training step) are not counted.
-    ``examples`` is the number of training rows the step loop drew (``train_epoch`` adds them),
-    once per minibatch however many FreeAT replays reuse it.
-
-    Only the top-level model's passes count: a plugin that calls a submodule directly (part
-    of the network) adds nothing. Nothing here reads a device tensor, so counting costs no
-    host sync.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """Zero every count."""
-        self.examples = 0
-        self.forward_rows = 0
-        self.backward_rows = 0
-        self.attack_rows = 0
-
-    @contextlib.contextmanager
-    def watching(self, model: nn.Module) -> Iterator[None]:
-        """Count ``model``'s passes inside the ``with`` block (the hook is removed after)."""
-        handle = model.register_forward_hook(self._on_forward)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def _on_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        current = phase.current_phase()
-        if current == "eval" or not isinstance(output, Tensor) or output.dim() == 0:
-            return
-        rows = int(output.shape[0])
-        self.forward_rows += rows
-        if current == "attack":
-            self.attack_rows += rows
-        if output.requires_grad:
-            # A tensor hook, not a module backward hook: module full-backward hooks wrap the
-            # module's inputs and outputs and break in-place ops and torch.func transforms.
-            output.register_hook(functools.partial(self._on_backward, rows))
-
-    def _on_backward(self, rows: int, grad: Tensor) -> None:
-        self.backward_rows += rows
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window on a CUDA ``device`` (process RSS has no reset)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_mb(device: torch.device) -> float | None:
-    """Peak memory in MiB: CUDA memory allocated by tensors on a CUDA ``device`` since the last
-    :func:`reset_peak_memory`, else the whole process's maximum resident set size since it
-    started (it never goes down); ``None`` where neither can be read (no ``resource`` module).
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
-PEAK_MEMORY_SOURCES = {
-    "cuda": "torch.cuda.max_memory_allocated, reset every epoch",
-    "other": "process max resident set size (resource.getrusage), process-wide, since start",
-}
-
-
-class CostLedger:
-    """The training cost of a run, epoch by epoch: metrics, run totals and ``eval.json``'s entry.
-
-    Per epoch (:meth:`record_epoch`, logged at the epoch's last step):
-
-    - ``cost/forward_per_example``, ``cost/backward_per_example``: full-network forward and
-      backward passes (:class:`PassCounter` rows) divided by the epoch's training examples.
-      PGD-k with cross-entropy on the adversarial batch costs ``k + 1`` of each;
-    - ``cost/attack_steps``: forward passes inside the attack per minibatch, averaged over the
-      epoch (attack rows / training examples; ``k`` for PGD-k, 0 without an attack);
-    - ``cost/examples_per_s``, ``cost/epoch_s``: training throughput and time (the steps only;
-      validation and checkpoints are not included);
-    - ``cost/peak_memory_mb``: see :func:`peak_memory_mb` (omitted where it cannot be read).
-
-    Run totals (:meth:`totals`): ``cost/total_forward_per_example`` and
-    ``cost/total_backward_per_example`` (sums of the per-epoch values: the passes one training
-    example went through over the whole run, on average) and ``cost/train_s`` (sum of
-    ``cost/epoch_s``). The ledger travels in checkpoints, so a resumed run keeps its totals.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.epochs: list[dict[str, float]] = []
-
-    def record_epoch(
-        self, epoch: int, counter: PassCounter, seconds: float, peak_mb: float | None
-    ) -> dict[str, float]:
-        """Store epoch ``epoch`` (1-based) and return its ``cost/*`` metrics."""
-        examples = counter.examples
-        per_example = 1.0 / examples if examples else 0.0
-        entry = {
-            "epoch": float(epoch),
-            "examples": float(examples),
-            "forward_per_example": counter.forward_rows * per_example,
-            "backward_per_example": counter.backward_rows * per_example,
-            "attack_steps": counter.attack_rows * per_example,
-            "examples_per_s": examples / seconds if seconds > 0 else 0.0,
-            "epoch_s": seconds,
-        }
-        if peak_mb is not None:
-            entry["peak_memory_mb"] = peak_mb
-        # A resumed run re-trains the epoch after its last checkpoint: the new record wins.
-        self.epochs = [e for e in self.epochs if e["epoch"] < epoch] + [entry]
-        return {f"cost/{k}": v for k, v in entry.items() if k not in ("epoch", "examples")}
-
-    def totals(self) -> dict[str, float]:
-        """The run totals as metrics (see the class docstring)."""
-        return {
-            "cost/total_forward_per_example": sum(e["forward_per_example"] for e in self.epochs),
-            "cost/total_backward_per_example": sum(e["backward_per_example"] for e in self.epochs),
-            "cost/train_s": sum(e["epoch_s"] for e in self.epochs),
-        }
-
-    def report(self) -> dict[str, Any]:
-        """The ``cost`` entry of ``eval.json``: totals, peak memory and every epoch's record."""
-        peaks = [e["peak_memory_mb"] for e in self.epochs if "peak_memory_mb" in e]
-        source = "cuda" if self.device.type == "cuda" else "other"
-        return {
-            **{k.removeprefix("cost/"): v for k, v in self.totals().items()},
-            "peak_memory_mb": max(peaks) if peaks else None,
-            "peak_memory_source": PEAK_MEMORY_SOURCES[source],
-            "epochs": self.state_dict(),
-        }
-
-    def state_dict(self) -> list[dict[str, float]]:
-        """Plain data for checkpoints."""
-        return [dict(e) for e in self.epochs]
-
-    def load_state_dict(self, state: list[dict[str, float]] | None) -> None:
-        """Undo :meth:`state_dict` (``None``: a checkpoint from before cost accounting)."""
-        self.epochs = [dict(e) for e in state or []]
-
-
 class _EpochWindows:
     """Averages the logging windows of one epoch into ``epoch/train_*`` metrics."""
 
@@ -973,18 +917,6 @@ class _EpochWindows:
         self.epoch = int(state["epoch"])
         self.sums = {str(k): float(v) for k, v in state["sums"].items()}
         self.count = int(state["count"])
-
-
-_COUNTS = ("examples", "forward_rows", "backward_rows", "attack_rows")
-
-
-def _counter_state(counter: PassCounter) -> dict[str, int]:
-    return {name: int(getattr(counter, name)) for name in _COUNTS}
-
-
-def _load_counter(counter: PassCounter, state: Mapping[str, Any]) -> None:
-    for name in _COUNTS:
-        setattr(counter, name, int(state.get(name, 0)))
 
 
 def train_epoch(
@@ -1049,180 +981,337 @@ def train_epoch(
     return step
 
 
-class OverfitWatch:
-    """Catastrophic-overfitting detection (Wong et al. 2020, FastAT), after every epoch.
+class MetricsLog:
+    """``metrics.jsonl`` and the tracker, written together, one record per (step, metrics).
 
-    ``eval.overfit_rule`` picks the rule; both compare with the last *healthy* epoch (a
-    collapsed epoch never becomes the reference) and a drop must exceed ``eval.overfit_drop``
-    (absolute accuracy; 0.2 by default, as in FastAT):
-
-    ``"artplug"`` (default, the stricter rule)
-        attack ``eval.overfit_examples`` fixed training examples with ``fgsm`` and ``pgd-20``
-        from the attack table (eval mode). A collapse is PGD accuracy dropping by more than
-        ``overfit_drop`` while FGSM accuracy does not fall: the model has learnt to defeat the
-        single-step attack only. A PGD drop with FGSM falling too (a plain bad epoch) is not
-        flagged. :meth:`artplug_collapse`.
-    ``"fast-at"``
-        what FastAT's ``train_fgsm.py --early-stop`` does: PGD-5 (step eps/4 = 2/255 at 8/255,
-        one random start) on one training batch with the model in train mode
-        (:func:`artplug.sanity.fast_at_pgd_accuracy`), and a collapse is that accuracy dropping
-        by more than ``overfit_drop`` from the previous epoch's, which starts at 0 (so the first
-        epoch never collapses). :meth:`fast_at_collapse`. The reference redraws its batch every
-        epoch (the first batch of the shuffled, augmented loader) and lets the check move the
-        BatchNorm running statistics; here the batch is fixed (``data.batch_size`` training
-        examples from a seeded draw, not augmented), so epochs compare the same examples, and
-        the check attacks a copy of the model, so training is not changed by it.
+    ``already_logged`` holds the (step, key) pairs the tracker got from a killed process that a
+    resumed run replays: the values are the same, and MLflow would keep both copies.
     """
 
-    ATTACKS = ("fgsm", "pgd-20")
-    FAST_AT_KEY = "pgd-5-train"
-    """Metric key of the ``fast-at`` rule: ``overfit/pgd-5-train_acc``."""
+    def __init__(
+        self, path: Path, tracker: Tracker, already_logged: set[tuple[int, str]] | None = None
+    ) -> None:
+        self.path, self.tracker = path, tracker
+        self.already_logged = already_logged or set()
+        self._file = path.open("a", encoding="utf-8")
 
-    def __init__(self, c: Components) -> None:
-        self.c = c
-        settings = c.recipe.eval
-        self.rule = settings.overfit_rule
-        self.drop = settings.overfit_drop
-        x, y = c.data.train
-        # A fixed seeded subset, the same every epoch, so the accuracies are comparable.
-        size = c.recipe.data.batch_size if self.rule == "fast-at" else settings.overfit_examples
-        self.x, self.y = _subset(x, y, size, c.recipe.run.seed + 1)
-        self.previous: dict[str, float] | None = None
+    def __call__(self, metrics: Mapping[str, float], at_step: int) -> None:
+        """Log ``metrics`` at ``at_step`` to the tracker (unless it has them) and the file."""
+        tracked = metrics
+        if self.already_logged:
+            tracked = {k: v for k, v in metrics.items() if (at_step, k) not in self.already_logged}
+        if tracked:
+            self.tracker.log_metrics(tracked, step=at_step)
+        self._file.write(json.dumps({"step": at_step, **metrics}) + "\n")
+        self._file.flush()
 
-    @staticmethod
-    def artplug_collapse(
-        before: Mapping[str, float] | None, now: Mapping[str, float], drop: float
-    ) -> bool:
-        """The ``artplug`` rule on ``{"fgsm": ..., "pgd-20": ...}`` accuracies.
+    def truncate(self, step: int) -> None:
+        """Drop the records after ``step``: a rollback's replay logs them again."""
+        self._file.close()
+        _truncate_metrics(self.path, step)
+        self._file = self.path.open("a", encoding="utf-8")
 
-        True when PGD-20 accuracy fell by more than ``drop`` from ``before`` (the last healthy
-        epoch; ``None`` before the first) while FGSM accuracy did not fall.
-        """
-        if before is None:
-            return False
-        return now["pgd-20"] < before["pgd-20"] - drop and now["fgsm"] >= before["fgsm"]
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        self._file.close()
 
-    @staticmethod
-    def fast_at_collapse(previous: float, now: float, drop: float) -> bool:
-        """The ``fast-at`` rule: ``robust_acc - prev_robust_acc < -drop``, as FastAT writes it.
 
-        ``previous`` is the last healthy epoch's PGD accuracy, 0 before the first epoch.
-        """
-        return now - previous < -drop
+class Training:
+    """The state of one training run: position, selection, cost, divergence and its files.
 
-    def _measure(self) -> dict[str, float]:
+    :func:`fit` drives it epoch by epoch and returns it; the workflow layer
+    (:mod:`artplug.workflows`) reads from it what the final evaluation and ``eval.json`` need.
+    Everything a checkpoint stores comes from :meth:`payload` and goes back in :meth:`load`.
+    """
+
+    def __init__(
+        self,
+        c: Components,
+        tracker: Tracker,
+        display: Display,
+        run_dir: Path,
+        resume_from: Mapping[str, Any] | None,
+    ) -> None:
+        self.c, self.tracker, self.display, self.run_dir = c, tracker, display, run_dir
+        recipe = c.recipe
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = run_dir / CHECKPOINT_NAME
+        self.best_path = run_dir / BEST_CHECKPOINT_NAME
+        self.good_path = run_dir / GOOD_CHECKPOINT_NAME
+        already_logged: set[tuple[int, str]] = set()
+        if resume_from is not None:
+            dropped = _prepare_resumed_folder(run_dir, recipe, int(resume_from["step"]), display)
+            if tracker.run_id is not None and tracker.run_id == resume_from.get("tracking_run_id"):
+                # The killed process sent these (step, metric) pairs to this very run already.
+                already_logged = dropped
+        recipe_path = run_dir / "recipe.resolved.toml"
+        recipe_path.write_text(recipe.to_toml(), encoding="utf-8")
+        tracker.log_artifact(recipe_path)
+        self.log = MetricsLog(run_dir / "metrics.jsonl", tracker, already_logged)
+
+        self.steps_per_epoch = len(c.train_loader)
+        self.policy = CheckpointPolicy(recipe.eval.attacks, recipe.eval.early_stop_patience)
+        self.ledger = CostLedger(c.device)
+        self.meter = _Meter(c.device, [slot.id for slot in c.losses])
+        self.counter = PassCounter()
+        self.windows = _EpochWindows()
+        self.history: list[dict[str, float]] = []
+        # The recipe's learning rates; rollbacks scale them (and so every lr schedule) for good.
+        self.base_lrs = list(c.base_lrs)
+        self.lr_multiplier = 1.0
+        self.rollbacks: list[dict[str, Any]] = []
+        self.epoch, self.step, self.skip, self.epoch_s_before = 0, 0, 0, 0.0
+        self.used_checkpoint, self.used_epoch = CHECKPOINT_NAME, 0
+        self.overfit_event: str | None = None
+        self.early_stop: str | None = None
+        self.truncated = False
+        # The last state whose training was all finite: what a rollback returns to and what a
+        # divergence error names. checkpoint-last.pt is written only after the finiteness
+        # checks, so once this run wrote it, it is that state.
+        self.initial_good: Mapping[str, Any] | None = None
+        self.good_at: tuple[int, int] | None = None
+        self.good_written = False
+        if resume_from is not None:
+            self.load(resume_from, "checkpoint")
+            self.rollbacks.extend(dict(r) for r in resume_from.get("rollbacks") or [])
+            self.initial_good, self.good_at = resume_from, (self.epoch, self.step)
+            if not self.checkpoint_path.exists():
+                # A fork starts in a new folder: give it its starting point, so that the folder
+                # can be resumed or evaluated even before (or without) another epoch.
+                ckpt.save_atomic(
+                    {**resume_from, "tracking_run_id": tracker.run_id}, self.checkpoint_path
+                )
+                self.good_written = True
+        elif recipe.run.on_nonfinite == "rollback":
+            # Before the first checkpoint a rollback goes back to the start: keep a copy of it.
+            self.initial_good = copy.deepcopy(self.payload())
+        self.started = time.perf_counter()
+
+    def load(self, payload: Mapping[str, Any], source: str) -> None:
+        """Continue from ``payload``: weights, optimizer, RNG, selection, cost and position."""
         c = self.c
-        if self.rule == "fast-at":
-            from artplug.sanity import fast_at_pgd_accuracy
+        self.epoch, self.step = restore(c, payload, source)
+        self.policy.load_state_dict(payload.get("selection"))
+        self.ledger.load_state_dict(payload.get("cost"))
+        self.lr_multiplier = float(payload.get("lr_multiplier", 1.0))
+        c.base_lrs = [base * self.lr_multiplier for base in self.base_lrs]
+        self.history[:] = [h for h in self.history if h["epoch"] <= self.epoch]
+        partial = payload.get("partial_epoch")
+        self.skip, self.epoch_s_before = 0, 0.0
+        if partial:
+            self.skip = int(partial["batch"])
+            self.meter.load_state_dict(partial["meter"])
+            self.windows.load_state_dict(partial["windows"])
+            load_counter(self.counter, partial["counter"])
+            self.epoch_s_before = float(partial.get("epoch_s", 0.0))
 
-            pgd = fast_at_pgd_accuracy(
-                c.model, self.x, self.y, c.threat, seed=c.recipe.run.seed, device=c.device
-            )
-            return {self.FAST_AT_KEY: pgd}
-        from artplug.evaluate import evaluate
+    def payload(self, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint of the state now (``partial``: the position inside an epoch)."""
+        payload = _checkpoint_payload(self.c, self.epoch, self.step, self.tracker.run_id)
+        payload["selection"] = self.policy.state_dict()
+        payload["cost"] = self.ledger.state_dict()
+        payload["lr_multiplier"] = self.lr_multiplier
+        payload["rollbacks"] = [dict(r) for r in self.rollbacks]
+        if partial is not None:
+            payload["partial_epoch"] = partial
+        return payload
 
-        return evaluate(
-            c.model,
-            self.x,
-            self.y,
-            c.threat,
-            self.ATTACKS,
-            batch_size=c.recipe.eval.batch_size,
-            seed=c.recipe.run.seed,
-            device=c.device,
+    def start_epoch(self) -> None:
+        """Reset the epoch's windows, counts and clocks (kept when resuming inside it)."""
+        if self.skip == 0:
+            self.windows.start(self.epoch)
+            self.counter.reset()
+            self.epoch_s_before = 0.0
+        reset_peak_memory(self.c.device)
+        self.epoch_started = time.perf_counter()
+        self.step_before = self.step
+
+    def end_epoch(self) -> tuple[float, int]:
+        """The epoch's training time and the batches done in it; clears the resume skip."""
+        if self.c.device.type == "cuda":
+            # The step never syncs; kernels still queued belong to this epoch's time.
+            torch.cuda.synchronize(self.c.device)
+        seconds = self.epoch_s_before + time.perf_counter() - self.epoch_started
+        position = self.skip + self.step - self.step_before
+        self.skip = 0
+        return seconds, position
+
+    def on_window(self, window: dict[str, float], at_step: int) -> None:
+        """A logging window from :func:`train_epoch`: log it, add it up, show progress."""
+        self.log(window, at_step)
+        self.windows.add(window)
+        run = self.c.recipe.run
+        self.display.status(
+            f"epoch {self.windows.epoch + 1}/{run.epochs} step "
+            f"{at_step - self.windows.epoch * self.steps_per_epoch}/{self.steps_per_epoch} "
+            f"loss {window['train/loss']:.4f} "
+            f"adv_acc {100 * window['train/adv_acc']:.1f}% "
+            f"{window['time/examples_per_s']:.0f} ex/s"
         )
 
-    def check(self, epoch: int) -> tuple[dict[str, float], str | None]:
-        """Return the epoch's metrics and, on a collapse, a one-line description of it."""
-        accuracy = self._measure()
-        metrics = {f"overfit/{name}_acc": value for name, value in accuracy.items()}
-        before = self.previous
-        event = None
-        if self.rule == "fast-at":
-            previous = before[self.FAST_AT_KEY] if before is not None else 0.0
-            pgd = accuracy[self.FAST_AT_KEY]
-            if self.fast_at_collapse(previous, pgd, self.drop):
-                event = (
-                    f"catastrophic overfitting at epoch {epoch} (fast-at rule): PGD-5 accuracy "
-                    f"on a fixed training batch of {len(self.x)} in train mode fell "
-                    f"{100 * previous:.1f}% -> {100 * pgd:.1f}%"
-                )
-        elif before is not None and self.artplug_collapse(before, accuracy, self.drop):
-            pgd, fgsm = accuracy["pgd-20"], accuracy["fgsm"]
-            event = (
-                f"catastrophic overfitting at epoch {epoch}: PGD-20 accuracy on "
-                f"{len(self.x)} training examples fell {100 * before['pgd-20']:.1f}% -> "
-                f"{100 * pgd:.1f}% while FGSM accuracy went {100 * before['fgsm']:.1f}% -> "
-                f"{100 * fgsm:.1f}%"
+    def check_finite(self) -> None:
+        """The epoch-end guard: the window not logged yet, then the weights (two host syncs)."""
+        step = self.step
+        bad = self.meter.nonfinite()
+        if bad:
+            first = _window_first_step(step, self.c.recipe.run.log_every, self.steps_per_epoch)
+            raise DivergenceError(
+                f"training diverged by step {step}: {_nonfinite_message(bad)} (steps "
+                f"{first}-{step}, not logged yet)",
+                step=step,
+                terms=[k.removeprefix("train/loss.") for k in bad if k != "train/loss"],
             )
-        if event is not None:
-            metrics["overfit/detected"] = 1.0
+        if not model_is_finite(self.c.model):
+            raise DivergenceError(
+                f"training diverged by step {step}: the model's weights are not finite",
+                step=step,
+            )
+
+    def roll_back(self, exc: DivergenceError) -> bool:
+        """Restore the last good state with half the learning rate; False when not allowed."""
+        run = self.c.recipe.run
+        if run.on_nonfinite != "rollback" or len(self.rollbacks) >= run.max_rollbacks:
+            return False
+        if self.good_written:
+            payload: Mapping[str, Any] = ckpt.load(self.checkpoint_path, purpose="resume")
+            source = str(self.checkpoint_path)
         else:
-            # Only a healthy epoch becomes the reference for the next comparison.
-            self.previous = accuracy
-        return metrics, event
+            assert self.initial_good is not None
+            payload, source = self.initial_good, "the start of the run"
+        multiplier = self.lr_multiplier * 0.5
+        saved = float(payload.get("lr_multiplier", 1.0))
+        self.load(payload, source)
+        self.lr_multiplier = multiplier
+        self.c.base_lrs = [base * multiplier for base in self.base_lrs]
+        for group in self.c.optimizer.param_groups:
+            # The restored lr carries the multiplier of its time; move it to the new one (a
+            # schedule's lr_scale knob sets lr from base_lrs, which already has it).
+            group["lr"] = group["lr"] * multiplier / saved
+        self.rollbacks.append(
+            {
+                "step": exc.step,
+                "terms": list(exc.terms),
+                "to_step": self.step,
+                "lr_multiplier": multiplier,
+            }
+        )
+        # The replay from the restored step rewrites the curves after it.
+        self.log.truncate(self.step)
+        event = (
+            f"{exc.one_line()}; rolled back to {source} (step {self.step}) with the learning "
+            f"rate halved (x{multiplier:g}), rollback {len(self.rollbacks)} of "
+            f"{run.max_rollbacks}"
+        )
+        self.tracker.set_tags({f"artplug.event.rollback.{len(self.rollbacks)}": event})
+        self.display.line(f"WARNING: {event}")
+        return True
 
+    def diverged(self, exc: DivergenceError) -> DivergenceError:
+        """``exc`` with what the user needs: the last good checkpoint and what to change."""
+        gave_up = ""
+        if self.rollbacks:
+            gave_up = (
+                f"; gave up after {len(self.rollbacks)} rollbacks (learning rate "
+                f"x{self.lr_multiplier:g})"
+            )
+        hint = (
+            'lower optim.lr or set run.on_nonfinite = "rollback"'
+            if self.c.recipe.run.on_nonfinite == "stop"
+            else "lower optim.lr or raise run.max_rollbacks"
+        )
+        if self.good_at is None:
+            good = "none (it diverged before the first checkpoint)"
+        else:
+            where = (
+                str(self.checkpoint_path)
+                if self.checkpoint_path.exists()
+                else "the starting checkpoint"
+            )
+            good = f"{where} (epoch {self.good_at[0]}, step {self.good_at[1]})"
+        message = f"{exc}{gave_up}; last good checkpoint: {good}; {hint}"
+        self.tracker.set_tags({"artplug.event.divergence": message})
+        return DivergenceError(
+            message,
+            step=exc.step,
+            terms=exc.terms,
+            checkpoint=str(self.checkpoint_path) if self.good_at is not None else None,
+        )
 
-class CheckpointPolicy:
-    """Which validated epoch is the best one, and whether validation has stopped improving.
+    def interrupted(self, stop: StopRequest, position: int, seconds: float) -> BaseException:
+        """Write a mid-epoch checkpoint and return the exception that ends the run.
 
-    A validation is scored by ``(robust accuracy, clean accuracy)``, compared in that order:
-    robust accuracy under the first non-clean entry of ``eval.attacks`` (the clean accuracy
-    when there is none), clean accuracy breaking ties. Only a strictly better score is a new
-    best, so among equal scores the earliest epoch wins. ``stale`` counts the validations since
-    the last improvement; with ``patience > 0`` the policy is :attr:`exhausted` when it reaches
-    ``patience`` (early stopping against robust overfitting, Rice et al. 2020).
-    """
-
-    def __init__(self, attacks: list[str], patience: int = 0) -> None:
-        robust = [name for name in attacks if name != "clean"]
-        self.key = robust[0] if robust else "clean"
-        self.patience = patience
-        self.best_epoch: int | None = None
-        self.best_score: tuple[float, float] | None = None
-        self.stale = 0
-
-    def update(self, val: Mapping[str, float], epoch: int) -> bool:
-        """Record the validation accuracies of ``epoch``; True when it is the new best."""
-        score = (val[self.key], val.get("clean", 0.0))
-        if self.best_score is None or score > self.best_score:
-            self.best_score, self.best_epoch, self.stale = score, epoch, 0
-            return True
-        self.stale += 1
-        return False
-
-    @property
-    def exhausted(self) -> bool:
-        """True when ``patience`` validations in a row brought no improvement."""
-        return self.patience > 0 and self.stale >= self.patience
-
-    def describe(self) -> str:
-        """The best score in words, e.g. ``val pgd-20 45.0% (clean 80.1%)``."""
-        if self.best_score is None:
-            return "no validation yet"
-        robust, clean = self.best_score
-        if self.key == "clean":
-            return f"val clean {100 * robust:.1f}%"
-        return f"val {self.key} {100 * robust:.1f}% (clean {100 * clean:.1f}%)"
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain data stored in every checkpoint, so that ``resume`` keeps the best so far."""
-        score = list(self.best_score) if self.best_score is not None else None
-        return {
-            "key": self.key,
-            "best_epoch": self.best_epoch,
-            "best_score": score,
-            "stale": self.stale,
+        Resume skips the ``position`` batches already done in the epoch's seeded order and
+        carries on with the same RNG states.
+        """
+        partial = {
+            "batch": position,
+            "meter": self.meter.state_dict(),
+            "windows": self.windows.state_dict(),
+            "counter": counter_state(self.counter),
+            "epoch_s": seconds,
         }
+        ckpt.save_atomic(self.payload(partial), self.checkpoint_path)
+        self.display.line(
+            f"stopping after step {self.step} (epoch {self.epoch + 1}, batch {position}/"
+            f"{self.steps_per_epoch}); checkpoint written to {self.checkpoint_path}"
+        )
+        return stop.interrupted(self.checkpoint_path, self.step)
 
-    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        """Undo :meth:`state_dict`; a state scored on another attack is ignored."""
-        if not state or state.get("key") != self.key or state.get("best_score") is None:
-            return
-        robust, clean = state["best_score"]
-        self.best_score = (float(robust), float(clean))
-        self.best_epoch = int(state["best_epoch"])
-        self.stale = int(state.get("stale", 0))
+    def save(self, improved: bool) -> None:
+        """Checkpoint the epoch just done (and as the best one when validation improved)."""
+        payload = self.payload()
+        ckpt.save_atomic(payload, self.checkpoint_path)
+        self.good_written, self.good_at = True, (self.epoch, self.step)
+        if improved:
+            ckpt.save_atomic(payload, self.best_path)
+
+    def watch_overfit(self, watch: OverfitWatch) -> bool:
+        """Run the catastrophic-overfitting check; True when it stops training."""
+        metrics, event = watch.check(self.epoch)
+        self.log(metrics, self.step)
+        if event is None:
+            shutil.copyfile(self.checkpoint_path, self.good_path)
+            return False
+        if self.overfit_event is not None:
+            return False
+        self.overfit_event = event
+        self.tracker.set_tags({"artplug.event.catastrophic_overfitting": event})
+        self.display.line(f"WARNING: {event}")
+        if self.c.recipe.eval.overfit_check != "stop" or not self.good_path.exists():
+            return False
+        good = ckpt.load(self.good_path)
+        self.c.model.load_state_dict(good["model"])
+        self.used_checkpoint, self.used_epoch = GOOD_CHECKPOINT_NAME, int(good["epoch"])
+        self.display.line(
+            f"stopping; restored {GOOD_CHECKPOINT_NAME} (after epoch {good['epoch']}) for the "
+            "final evaluation"
+        )
+        return True
+
+    def stop_early(self) -> None:
+        """Record and announce the early stop (validation stopped improving)."""
+        policy = self.policy
+        self.early_stop = (
+            f"early stop after epoch {self.epoch}: robust validation accuracy "
+            f"({policy.key}) did not improve for {policy.stale} validations; best "
+            f"{policy.describe()} after epoch {policy.best_epoch}"
+        )
+        self.tracker.set_tags({"artplug.event.early_stop": self.early_stop})
+        self.display.line(self.early_stop)
+
+
+def _validates(c: Components, epochs_done: int, last_epoch: bool) -> bool:
+    """Whether the epoch just done is validated (``eval.every_epochs``).
+
+    The last epoch is validated only when it can become the selected checkpoint; otherwise the
+    final evaluation on the test split follows right away.
+    """
+    every = c.recipe.eval.every_epochs
+    if not every:
+        return False
+    if last_epoch:
+        return c.recipe.eval.select == "best"
+    return epochs_done % every == 0
 
 
 def fit(
@@ -1234,27 +1323,24 @@ def fit(
     resume_from: Mapping[str, Any] | None = None,
     max_steps: int | None = None,
     stop: StopRequest | None = None,
-) -> RunResult:
-    """Train ``c`` as its recipe says, evaluate, checkpoint, and report to ``tracker``.
+) -> Training:
+    """Train ``c`` as its recipe says: validate, checkpoint and log every epoch.
 
     ``max_steps`` stops early after that many optimizer steps (smoke tests). The run folder gets
     the resolved recipe, ``checkpoint-last.pt`` after every epoch, ``checkpoint-best.pt``
-    whenever validation improves, ``metrics.jsonl`` and ``eval.json``; all of it survives a
-    crash or Ctrl-C. After training the final evaluation runs on the checkpoint that
-    ``eval.select`` picks (the catastrophic-overfitting stop, when it triggers, overrides it),
-    then the sanity gate (``eval.sanity``) and the eps curve (``eval.eps_curve``).
-
-    Every epoch also logs its training cost (``cost/*``, :class:`CostLedger`; the run totals
-    are logged with the test metrics and written to ``eval.json``). When training ends (or
-    fails) the training curves and schedules are drawn into ``plots/`` (:mod:`artplug.plots`)
-    and logged; after the evaluation the model itself is logged with MLflow's PyTorch flavour
-    when ``tracking.log_model`` is on and the tracker tracks (:func:`log_trained_model`).
+    whenever validation improves and ``metrics.jsonl``; all of it survives a crash or Ctrl-C.
+    Training ends after ``run.epochs``, at an early stop (``eval.early_stop_patience``) or at
+    the catastrophic-overfitting stop (which restores ``checkpoint-good.pt``). Every epoch logs
+    its training cost (``cost/*``, :class:`~artplug.costs.CostLedger`). The final evaluation,
+    ``eval.json``, the plots and model logging are the workflow's
+    (:func:`artplug.workflows.train_and_evaluate`); the returned :class:`Training` holds what
+    they need, and its :attr:`Training.log` is still open for them.
 
     Divergence: a logging window with a non-finite loss, or non-finite weights at an epoch's
     end, raises :class:`~artplug.errors.DivergenceError` naming the step, the loss terms and
     the last good checkpoint (``run.on_nonfinite = "stop"``), or with ``"rollback"`` restores
     that checkpoint, halves the learning rate and goes on, at most ``run.max_rollbacks``
-    times. Nothing non-finite is ever checkpointed, validated, selected or evaluated.
+    times. Nothing non-finite is ever checkpointed, validated or selected.
 
     Interruption: once ``stop`` is requested (a signal, :mod:`artplug.interrupt`), training
     ends at the next step boundary, ``checkpoint-last.pt`` records the position inside the
@@ -1266,418 +1352,74 @@ def fit(
     """
     tracker = tracker if tracker is not None else NullTracker()
     display = display if display is not None else Display(enabled=False)
-    recipe = c.recipe
-    settings = recipe.eval
+    recipe, settings = c.recipe, c.recipe.eval
     run_dir = run_dir if run_dir is not None else make_run_dir(recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = run_dir / CHECKPOINT_NAME
-    metrics_path = run_dir / "metrics.jsonl"
-    recipe_path = run_dir / "recipe.resolved.toml"
-    already_logged: set[tuple[int, str]] = set()
-    if resume_from is not None:
-        dropped = _prepare_resumed_folder(run_dir, recipe, int(resume_from["step"]), display)
-        if tracker.run_id is not None and tracker.run_id == resume_from.get("tracking_run_id"):
-            # The killed process sent these (step, metric) pairs to this very run already; the
-            # replay computes the same values, and MLflow would keep both copies.
-            already_logged = dropped
-    recipe_path.write_text(recipe.to_toml(), encoding="utf-8")
-    tracker.log_artifact(recipe_path)
-    metrics_log = metrics_path.open("a", encoding="utf-8")
-
-    steps_per_epoch = len(c.train_loader)
-    policy = CheckpointPolicy(settings.attacks, settings.early_stop_patience)
-    ledger = CostLedger(c.device)
-    meter = _Meter(c.device, [slot.id for slot in c.losses])
-    counter = PassCounter()
-    windows = _EpochWindows()
-    history: list[dict[str, float]] = []
-    # The recipe's learning rates; rollbacks scale them (and so every lr schedule) for good.
-    base_lrs = list(c.base_lrs)
-    lr_multiplier = 1.0
-    rollbacks: list[dict[str, Any]] = []
-    epoch, step, skip, epoch_s_before = 0, 0, 0, 0.0
-
-    def load_state(payload: Mapping[str, Any], source: str) -> None:
-        """Continue from ``payload``: weights, optimizer, RNG, selection, cost and position."""
-        nonlocal epoch, step, skip, epoch_s_before, lr_multiplier
-        epoch, step = restore(c, payload, source)
-        policy.load_state_dict(payload.get("selection"))
-        ledger.load_state_dict(payload.get("cost"))
-        lr_multiplier = float(payload.get("lr_multiplier", 1.0))
-        c.base_lrs = [base * lr_multiplier for base in base_lrs]
-        history[:] = [h for h in history if h["epoch"] <= epoch]
-        partial = payload.get("partial_epoch")
-        skip, epoch_s_before = 0, 0.0
-        if partial:
-            skip = int(partial["batch"])
-            meter.load_state_dict(partial["meter"])
-            windows.load_state_dict(partial["windows"])
-            _load_counter(counter, partial["counter"])
-            epoch_s_before = float(partial.get("epoch_s", 0.0))
-
-    def payload_now(epochs_done: int, partial: dict[str, Any] | None = None) -> dict[str, Any]:
-        payload = _checkpoint_payload(c, epochs_done, step, tracker.run_id)
-        payload["selection"] = policy.state_dict()
-        payload["cost"] = ledger.state_dict()
-        payload["lr_multiplier"] = lr_multiplier
-        payload["rollbacks"] = [dict(r) for r in rollbacks]
-        if partial is not None:
-            payload["partial_epoch"] = partial
-        return payload
-
-    # The last state whose training was all finite: what a rollback returns to and what a
-    # divergence error names. checkpoint-last.pt is written only after the finiteness checks,
-    # so once this run wrote it, it is that state.
-    initial_good: Mapping[str, Any] | None = None
-    good_at: tuple[int, int] | None = None
-    good_written = False
-    if resume_from is not None:
-        load_state(resume_from, "checkpoint")
-        rollbacks.extend(dict(r) for r in resume_from.get("rollbacks") or [])
-        initial_good, good_at = resume_from, (epoch, step)
-        if not checkpoint_path.exists():
-            # A fork starts in a new folder: give it its starting point, so that the folder
-            # can be resumed or evaluated even before (or without) another epoch.
-            ckpt.save_atomic({**resume_from, "tracking_run_id": tracker.run_id}, checkpoint_path)
-            good_written = True
-    elif recipe.run.on_nonfinite == "rollback":
-        # Before the first checkpoint a rollback goes back to the start: keep a copy of it.
-        initial_good = copy.deepcopy(payload_now(0))
-    started = time.perf_counter()
-    epochs_done = epoch
-
-    def describe_good() -> str:
-        if good_at is None:
-            return "none (it diverged before the first checkpoint)"
-        where = str(checkpoint_path) if checkpoint_path.exists() else "the starting checkpoint"
-        return f"{where} (epoch {good_at[0]}, step {good_at[1]})"
-
-    def roll_back(exc: DivergenceError) -> bool:
-        """Restore the last good state with half the learning rate; False when not allowed."""
-        nonlocal lr_multiplier, metrics_log
-        if recipe.run.on_nonfinite != "rollback" or len(rollbacks) >= recipe.run.max_rollbacks:
-            return False
-        if good_written:
-            payload: Mapping[str, Any] = ckpt.load(checkpoint_path, purpose="resume")
-            source = str(checkpoint_path)
-        else:
-            assert initial_good is not None
-            payload, source = initial_good, "the start of the run"
-        multiplier = lr_multiplier * 0.5
-        saved = float(payload.get("lr_multiplier", 1.0))
-        load_state(payload, source)
-        lr_multiplier = multiplier
-        c.base_lrs = [base * multiplier for base in base_lrs]
-        for group in c.optimizer.param_groups:
-            # The restored lr carries the multiplier of its time; move it to the new one (a
-            # schedule's lr_scale knob sets lr from base_lrs, which already has it).
-            group["lr"] = group["lr"] * multiplier / saved
-        rollbacks.append(
-            {
-                "step": exc.step,
-                "terms": list(exc.terms),
-                "to_step": step,
-                "lr_multiplier": multiplier,
-            }
-        )
-        # The replay from the restored step rewrites the curves after it.
-        metrics_log.close()
-        _truncate_metrics(metrics_path, step)
-        metrics_log = metrics_path.open("a", encoding="utf-8")
-        event = (
-            f"{exc.one_line()}; rolled back to {source} (step {step}) with the learning rate "
-            f"halved (x{multiplier:g}), rollback {len(rollbacks)} of {recipe.run.max_rollbacks}"
-        )
-        tracker.set_tags({f"artplug.event.rollback.{len(rollbacks)}": event})
-        display.line(f"WARNING: {event}")
-        return True
-
-    def diverged(exc: DivergenceError) -> DivergenceError:
-        """``exc`` with what the user needs: the last good checkpoint and what to change."""
-        gave_up = ""
-        if rollbacks:
-            gave_up = (
-                f"; gave up after {len(rollbacks)} rollbacks (learning rate x{lr_multiplier:g})"
-            )
-        hint = (
-            'lower optim.lr or set run.on_nonfinite = "rollback"'
-            if recipe.run.on_nonfinite == "stop"
-            else "lower optim.lr or raise run.max_rollbacks"
-        )
-        message = f"{exc}{gave_up}; last good checkpoint: {describe_good()}; {hint}"
-        tracker.set_tags({"artplug.event.divergence": message})
-        return DivergenceError(
-            message,
-            step=exc.step,
-            terms=exc.terms,
-            checkpoint=str(checkpoint_path) if good_at is not None else None,
-        )
-
-    def check_finite() -> None:
-        """The epoch-end guard: the window not logged yet, then the weights (two host syncs)."""
-        bad = meter.nonfinite()
-        if bad:
-            first = _window_first_step(step, recipe.run.log_every, steps_per_epoch)
-            raise DivergenceError(
-                f"training diverged by step {step}: {_nonfinite_message(bad)} (steps "
-                f"{first}-{step}, not logged yet)",
-                step=step,
-                terms=[k.removeprefix("train/loss.") for k in bad if k != "train/loss"],
-            )
-        if not model_is_finite(c.model):
-            raise DivergenceError(
-                f"training diverged by step {step}: the model's weights are not finite",
-                step=step,
-            )
-
-    def log(metrics: Mapping[str, float], at_step: int) -> None:
-        tracked = metrics
-        if already_logged:
-            tracked = {k: v for k, v in metrics.items() if (at_step, k) not in already_logged}
-        if tracked:
-            tracker.log_metrics(tracked, step=at_step)
-        metrics_log.write(json.dumps({"step": at_step, **metrics}) + "\n")
-        metrics_log.flush()
-
-    def on_window(window: dict[str, float], at_step: int) -> None:
-        log(window, at_step)
-        windows.add(window)
-        display.status(
-            f"epoch {windows.epoch + 1}/{recipe.run.epochs} step "
-            f"{at_step - windows.epoch * steps_per_epoch}/{steps_per_epoch} "
-            f"loss {window['train/loss']:.4f} "
-            f"adv_acc {100 * window['train/adv_acc']:.1f}% "
-            f"{window['time/examples_per_s']:.0f} ex/s"
-        )
-
+    t = Training(c, tracker, display, run_dir, resume_from)  # resumes from the checkpoint
     watch = OverfitWatch(c) if settings.overfit_check != "off" else None
-    good_path = run_dir / GOOD_CHECKPOINT_NAME
-    best_path = run_dir / BEST_CHECKPOINT_NAME
-    used_checkpoint = CHECKPOINT_NAME
-    used_epoch = 0
-    overfit_event: str | None = None
-    early_stop: str | None = None
-    plots_drawn = False
-    truncated = False
-
+    stopping = (lambda: stop.requested) if stop is not None else (lambda: False)
     try:
+        # Signals only set `stop`; the loop looks at it between steps.
         with stop.deferred() if stop is not None else contextlib.nullcontext():
-            while epoch < recipe.run.epochs:
-                if skip == 0:
-                    windows.start(epoch)
-                    counter.reset()
-                    epoch_s_before = 0.0
-                reset_peak_memory(c.device)
-                epoch_started = time.perf_counter()
-                step_before = step
+            while t.epoch < recipe.run.epochs:
+                t.start_epoch()
                 try:
-                    with counter.watching(c.model):
-                        step = train_epoch(
+                    with t.counter.watching(c.model):
+                        t.step = train_epoch(
                             c,
-                            epoch,
-                            step,
-                            meter=meter,
-                            on_window=on_window,
+                            t.epoch,
+                            t.step,
+                            meter=t.meter,
+                            on_window=t.on_window,
                             max_steps=max_steps,
-                            counter=counter,
-                            skip=skip,
+                            counter=t.counter,
+                            skip=t.skip,  # batches a mid-epoch checkpoint already did
                             stop=stop,
                         )
-                    check_finite()
+                    t.check_finite()  # nothing non-finite is ever checkpointed
                 except DivergenceError as exc:
-                    if roll_back(exc):
-                        continue
-                    raise diverged(exc) from None
-                if c.device.type == "cuda":
-                    # The step never syncs; kernels still queued belong to this epoch's time.
-                    torch.cuda.synchronize(c.device)
-                epoch_time = epoch_s_before + time.perf_counter() - epoch_started
-                position = skip + step - step_before
-                skip = 0
-                if stop is not None and stop.requested:
-                    # A mid-epoch checkpoint: resume skips the `position` batches already done
-                    # in the epoch's seeded order and carries on with the same RNG states.
-                    partial = {
-                        "batch": position,
-                        "meter": meter.state_dict(),
-                        "windows": windows.state_dict(),
-                        "counter": _counter_state(counter),
-                        "epoch_s": epoch_time,
-                    }
-                    ckpt.save_atomic(payload_now(epoch, partial), checkpoint_path)
-                    display.line(
-                        f"stopping after step {step} (epoch {epoch + 1}, batch {position}/"
-                        f"{steps_per_epoch}); checkpoint written to {checkpoint_path}"
-                    )
-                    raise stop.interrupted(checkpoint_path, step)
-                summary = windows.summary()
-                summary["time/epoch_s"] = epoch_time
-                summary["epoch"] = float(epoch + 1)
+                    if t.roll_back(exc):
+                        continue  # the same epoch again, from the last good checkpoint
+                    raise t.diverged(exc) from None
+                seconds, position = t.end_epoch()
+                if stopping():
+                    assert stop is not None
+                    raise t.interrupted(stop, position, seconds)
+                summary = t.windows.summary()
+                summary["time/epoch_s"] = seconds
+                summary["epoch"] = float(t.epoch + 1)
                 summary.update(
-                    ledger.record_epoch(epoch + 1, counter, epoch_time, peak_memory_mb(c.device))
+                    t.ledger.record_epoch(t.epoch + 1, t.counter, seconds, peak_memory_mb(c.device))
                 )
-                finished = max_steps is not None and step >= max_steps
-                last_epoch = epoch + 1 == recipe.run.epochs or finished
-                every = settings.every_epochs
-                # The last epoch is validated only when it can become the selected checkpoint;
-                # otherwise the final evaluation on the test split follows right away.
-                validate = bool(every) and (
-                    (not last_epoch and (epoch + 1) % every == 0)
-                    or (last_epoch and settings.select == "best")
-                )
+                finished = max_steps is not None and t.step >= max_steps
                 improved = False
-                if validate:
+                if _validates(c, t.epoch + 1, t.epoch + 1 == recipe.run.epochs or finished):
                     val = _evaluate(c, "val", settings.attacks, settings.n_examples, display)
                     summary.update({f"val/{k}_acc": v for k, v in val.items()})
-                    if val:
-                        improved = policy.update(val, epoch + 1)
-                log(summary, step)
-                history.append(summary)
-                epoch += 1
-                epochs_done = epoch
-                payload = payload_now(epochs_done)
-                ckpt.save_atomic(payload, checkpoint_path)
-                good_written, good_at = True, (epochs_done, step)
-                if improved:
-                    ckpt.save_atomic(payload, best_path)
-                del payload
+                    improved = bool(val) and t.policy.update(val, t.epoch + 1)
+                t.log(summary, t.step)
+                t.history.append(summary)
+                t.epoch += 1
+                t.save(improved)
                 line = _epoch_line(summary, recipe.run.epochs)
                 display.line(line + ("  (best so far)" if improved else ""))
-                if watch is not None:
-                    metrics, event = watch.check(epochs_done)
-                    log(metrics, step)
-                    if event is None:
-                        shutil.copyfile(checkpoint_path, good_path)
-                    elif overfit_event is None:
-                        overfit_event = event
-                        tracker.set_tags({"artplug.event.catastrophic_overfitting": event})
-                        display.line(f"WARNING: {event}")
-                        if settings.overfit_check == "stop" and good_path.exists():
-                            good = ckpt.load(good_path)
-                            c.model.load_state_dict(good["model"])
-                            used_checkpoint, used_epoch = GOOD_CHECKPOINT_NAME, int(good["epoch"])
-                            display.line(
-                                f"stopping; restored {GOOD_CHECKPOINT_NAME} (after epoch "
-                                f"{good['epoch']}) for the final evaluation"
-                            )
-                            break
-                if policy.exhausted:
-                    early_stop = (
-                        f"early stop after epoch {epochs_done}: robust validation accuracy "
-                        f"({policy.key}) did not improve for {policy.stale} validations; best "
-                        f"{policy.describe()} after epoch {policy.best_epoch}"
-                    )
-                    tracker.set_tags({"artplug.event.early_stop": early_stop})
-                    display.line(early_stop)
+                if watch is not None and t.watch_overfit(watch):
+                    break  # the last healthy epoch is restored for the final evaluation
+                if t.policy.exhausted:
+                    t.stop_early()
                     break
                 if finished:
-                    truncated = epochs_done < recipe.run.epochs
+                    t.truncated = t.epoch < recipe.run.epochs  # `resume` may continue it
                     break
-                if stop is not None and stop.requested:
+                if stopping():
                     break
-        if stop is not None and stop.requested:
+        if stopping():
             # Asked to stop during an epoch's validation: that epoch's checkpoint is written.
-            display.line(f"stopping after epoch {epochs_done}; checkpoint: {checkpoint_path}")
-            raise stop.interrupted(checkpoint_path, step)
-
-        # Drawn before the final evaluation, so that a failure there still leaves them.
-        plots_drawn = True
-        write_plots(run_dir, recipe.run.name, tracker, display)
-        used_checkpoint, used_epoch, reason = _choose_checkpoint(
-            c, policy, best_path, used_checkpoint, used_epoch, epochs_done
-        )
-        if not model_is_finite(c.model):
-            # Cannot happen through the checks above; a NaN model must never be evaluated,
-            # reported or logged all the same.
-            raise DivergenceError(
-                f"{used_checkpoint} (epoch {used_epoch}) has non-finite weights; it is not "
-                "evaluated",
-                step=step,
-            )
-        display.line(f"final evaluation on {used_checkpoint} (epoch {used_epoch}): {reason}")
-        final = evaluate_test(c, display)
-        wall = time.perf_counter() - started
-        results: dict[str, Any] = {
-            "split": "test",
-            **final_report_fields(c, final),
-            "epochs": epochs_done,
-            "wall_time_s": wall,
-            "checkpoint": used_checkpoint,
-            "checkpoint_epoch": used_epoch,
-            "checkpoint_reason": reason,
-            "best_checkpoint": (
-                {
-                    "file": BEST_CHECKPOINT_NAME,
-                    "epoch": policy.best_epoch,
-                    "metric": policy.key,
-                    "val_accuracy": policy.best_score[0],
-                    "val_clean_accuracy": policy.best_score[1],
-                }
-                if policy.best_score is not None and best_path.exists()
-                else None
-            ),
-            "early_stop": early_stop,
-            "catastrophic_overfitting": overfit_event,
-            "cost": ledger.report(),
-            # False when --max-steps cut training short: `artplug resume` may continue it.
-            "training_complete": not truncated,
-            "rollbacks": [dict(r) for r in rollbacks],
-            "lr_multiplier": lr_multiplier,
-        }
-        eval_path = run_dir / "eval.json"
-        _write_json(eval_path, results)
-        log(
-            {f"test/{k}_acc": v for k, v in final.items()}
-            | {"time/wall_s": wall}
-            | ledger.totals(),
-            step,
-        )
-        tracker.set_tags(
-            {
-                "artplug.checkpoint.used": used_checkpoint,
-                "artplug.checkpoint.epoch": str(used_epoch),
-            }
-        )
-        sanity: list[CheckResult] | None = None
-        if settings.sanity:
-            sanity, results["sanity"] = run_gate(c, tracker, display, log, step)
-            _write_json(eval_path, results)
-        if settings.eps_curve:
-            results["eps_curve"] = run_eps_curve(c, run_dir, tracker, display, log, step)
-            _write_json(eval_path, results)
-        if recipe.tracking.log_model and tracker.run_id is not None:
-            results["mlflow_model"] = log_trained_model(c, tracker, display)
-            _write_json(eval_path, results)
-        tracker.log_artifact(eval_path)
-        tracker.log_artifact(checkpoint_path, artifact_path="checkpoints")
-        if best_path.exists():
-            tracker.log_artifact(best_path, artifact_path="checkpoints")
-        if used_checkpoint == GOOD_CHECKPOINT_NAME:
-            tracker.log_artifact(good_path, artifact_path="checkpoints")
-        tracker.log_artifact(run_dir / "metrics.jsonl")
-        return RunResult(
-            run_dir,
-            final,
-            history,
-            wall,
-            epochs_done,
-            checkpoint_path,
-            used_checkpoint=used_checkpoint,
-            used_epoch=used_epoch,
-            report=results,
-            sanity=sanity,
-            cost=results["cost"],
-            rollbacks=results["rollbacks"],
-            lr_multiplier=lr_multiplier,
-            training_complete=not truncated,
-        )
+            display.line(f"stopping after epoch {t.epoch}; checkpoint: {t.checkpoint_path}")
+            raise stop.interrupted(t.checkpoint_path, t.step)  # type: ignore[union-attr]
     except BaseException:
-        if not plots_drawn:
-            # The curves of a failed or interrupted run are what explains it.
-            write_plots(run_dir, recipe.run.name, tracker, display)
+        t.log.close()
         raise
-    finally:
-        metrics_log.close()
+    return t
 
 
 def _truncate_metrics(path: Path, step: int) -> set[tuple[int, str]]:
@@ -1728,226 +1470,6 @@ def _prepare_resumed_folder(
         os.replace(recipe_path, aside)
         display.line(f"the recipe changed; the earlier one is kept as {aside}")
     return dropped
-
-
-def write_plots(run_dir: Path, name: str, tracker: Tracker, display: Display) -> list[Path]:
-    """Draw the run's plots from its ``metrics.jsonl`` into ``plots/``, then log that folder.
-
-    The PNGs land in the run folder first, so they exist even when tracking is off or broken.
-    Plotting is a convenience: any failure is reported (stderr, a WARNING line) and the run
-    goes on.
-    """
-    from artplug import plots
-
-    try:
-        drawn = plots.plot_run(
-            plots.read_metrics(run_dir / plots.METRICS_FILE), run_dir / plots.PLOTS_DIR, name=name
-        )
-    except ImportError as exc:
-        display.line(f"WARNING: no plots: matplotlib is needed for them ({exc})")
-        return []
-    except Exception as exc:
-        traceback.print_exc()
-        display.line(f"WARNING: the run's plots could not be drawn ({type(exc).__name__}: {exc})")
-        return []
-    if drawn:
-        tracker.log_artifact(run_dir / plots.PLOTS_DIR, artifact_path=plots.PLOTS_DIR)
-    return drawn
-
-
-# Rows of the test split that go with a logged model to infer its input/output signature.
-MODEL_SAMPLE_ROWS = 8
-
-
-def exportable_model(model: nn.Module) -> nn.Module:
-    """A CPU copy of ``model`` in eval mode and the default memory format, ready to pickle."""
-    exported = copy.deepcopy(model).to("cpu")
-    return exported.to(memory_format=torch.contiguous_format).eval()
-
-
-def log_trained_model(c: Components, tracker: Tracker, display: Display) -> str | None:
-    """Log ``c.model`` (as it is now) with the tracker's :meth:`~Tracker.log_model`.
-
-    The logged module is a CPU copy in eval mode: what ``mlflow.pytorch.load_model`` gives back
-    is a classifier that takes float32 NCHW batches in [0, 1] (normalisation is inside the
-    model) and returns logits. Its signature comes from the first test images. The classes of
-    its modules must be importable where it is loaded (artplug, and ``artplug_plugins`` or the
-    third-party plugin packages whose transforms changed the network).
-    """
-    # A tracker written before log_model joined the protocol simply logs no model.
-    log_model = getattr(tracker, "log_model", None)
-    if log_model is None:
-        return None
-    model = exportable_model(c.model)
-    sample = c.data.test[0][:MODEL_SAMPLE_ROWS].detach().to("cpu", torch.float32).contiguous()
-    uri: str | None = log_model(model, sample, requirements=[f"artplug=={artplug.__version__}"])
-    if uri is not None:
-        display.line(f"model logged to MLflow: mlflow.pytorch.load_model({uri!r})")
-    return uri
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _choose_checkpoint(
-    c: Components,
-    policy: CheckpointPolicy,
-    best_path: Path,
-    used: str,
-    used_epoch: int,
-    epochs_done: int,
-) -> tuple[str, int, str]:
-    """Load the checkpoint the final evaluation uses into ``c.model``; (file, epoch, reason)."""
-    if used == GOOD_CHECKPOINT_NAME:
-        # The catastrophic-overfitting stop already restored the last healthy epoch.
-        return (
-            used,
-            used_epoch,
-            (
-                "the catastrophic-overfitting stop restored the last good checkpoint "
-                "(this takes precedence over eval.select)"
-            ),
-        )
-    if c.recipe.eval.select == "last":
-        return CHECKPOINT_NAME, epochs_done, "eval.select = 'last'"
-    if policy.best_epoch is None:
-        return (
-            CHECKPOINT_NAME,
-            epochs_done,
-            (
-                "eval.select = 'best' but no validation ran (eval.every_epochs = 0 or an empty "
-                "validation split), so the last checkpoint is used"
-            ),
-        )
-    if not best_path.exists():
-        return (
-            CHECKPOINT_NAME,
-            epochs_done,
-            (
-                f"eval.select = 'best' but {BEST_CHECKPOINT_NAME} is missing from the run folder, "
-                "so the last checkpoint is used"
-            ),
-        )
-    if policy.best_epoch != epochs_done:
-        c.model.load_state_dict(ckpt.load(best_path)["model"])
-    return (
-        BEST_CHECKPOINT_NAME,
-        policy.best_epoch,
-        (f"best robust validation accuracy, {policy.describe()}"),
-    )
-
-
-def _test_subset(c: Components, n: int | None) -> tuple[Tensor, Tensor]:
-    """The first ``n`` test examples in order: the gate and the curve see a prefix of the
-    examples the final evaluation attacked."""
-    x, y = c.data.test
-    return _first(x, y, n)
-
-
-def run_gate(
-    c: Components,
-    tracker: Tracker,
-    display: Display,
-    log: Callable[[Mapping[str, float], int], None],
-    step: int,
-) -> tuple[list[CheckResult] | None, dict[str, Any]]:
-    """Run the gate on the model as it is now; log, tag and announce its results.
-
-    A failed check marks the run (tags, a WARNING line, ``eval.json``) and nothing more. An
-    exception inside the gate is a bug, but the trained model and its evaluation matter more:
-    its traceback goes to stderr, the run is tagged ``artplug.sanity = ERROR: ...`` and goes on.
-    """
-    from artplug import sanity as gate
-
-    settings = c.recipe.eval
-    limit = min(settings.sanity_examples, settings.test_examples or settings.sanity_examples)
-    x, y = _test_subset(c, limit)
-    try:
-        results = gate.run_sanity_gate(
-            c.model,
-            x,
-            y,
-            c.eval_threat,
-            batch_size=settings.batch_size,
-            seed=c.recipe.run.seed,
-            device=c.device,
-            tolerance=settings.sanity_tolerance,
-            black_box=settings.sanity_black_box,
-            on_check=lambda name: display.status(f"  sanity gate: {name} on {len(x)} examples"),
-        )
-    except Exception as exc:
-        traceback.print_exc()
-        message = f"{type(exc).__name__}: {exc}"
-        tracker.set_tags({"artplug.sanity": f"ERROR: {message}"})
-        display.line(f"WARNING: the sanity gate could not run ({message})")
-        return None, {"passed": None, "summary": f"ERROR: {message}", "error": message}
-    log(gate.gate_metrics(results), step)
-    tracker.set_tags(gate.gate_tags(results))
-    summary = gate.gate_summary(results)
-    display.line(
-        f"sanity gate: {summary}" if summary == "passed" else f"WARNING: sanity gate {summary}"
-    )
-    return results, gate.gate_report(results, len(x), settings.sanity_tolerance)
-
-
-def run_eps_curve(
-    c: Components,
-    run_dir: Path,
-    tracker: Tracker,
-    display: Display,
-    log: Callable[[Mapping[str, float], int], None],
-    step: int,
-) -> dict[str, Any]:
-    """Robust accuracy at every ``eval.eps_curve`` radius: metrics, ``eps_curve.png``, points."""
-    from artplug import curves
-
-    settings = c.recipe.eval
-    x, y = _test_subset(c, settings.eps_curve_examples or settings.test_examples)
-    attack = curves.DEFAULT_ATTACK
-    report: dict[str, Any] = {"attack": attack, "norm": c.eval_threat.norm, "n_examples": len(x)}
-    try:
-        points = curves.robust_accuracy_curve(
-            c.model,
-            x,
-            y,
-            c.threat,
-            settings.eps_curve,
-            attack=attack,
-            batch_size=settings.batch_size,
-            seed=c.recipe.run.seed,
-            device=c.device,
-            on_point=lambda eps: display.status(f"  eps curve: {attack} at eps={eps:.4g}"),
-        )
-    except Exception as exc:
-        traceback.print_exc()
-        report["error"] = f"{type(exc).__name__}: {exc}"
-        display.line(f"WARNING: the eps curve could not be computed ({report['error']})")
-        return report
-    report["points"] = [[eps, accuracy] for eps, accuracy in points]
-    log(curves.curve_metrics(points, attack), step)
-    display.line(
-        f"eps curve ({attack}): "
-        + ", ".join(f"{eps:.4g}: {100 * accuracy:.1f}%" for eps, accuracy in points)
-    )
-    plot = run_dir / curves.PLOT_NAME
-    try:
-        curves.plot_curve(
-            points,
-            plot,
-            title=f"{c.recipe.run.name}: {attack} accuracy vs {c.threat.norm} eps "
-            f"({len(x)} test examples)",
-            attack=attack,
-            mark_eps=c.eval_threat.eps,
-        )
-    except ImportError as exc:
-        report["plot"] = None
-        report["plot_error"] = f"matplotlib is needed for the plot ({exc})"
-        display.line(f"WARNING: no {curves.PLOT_NAME}: {report['plot_error']}")
-        return report
-    report["plot"] = curves.PLOT_NAME
-    tracker.log_artifact(plot)
-    return report
 
 
 def _epoch_line(summary: Mapping[str, float], epochs: int) -> str:

@@ -7,7 +7,7 @@ path, a plugin package). The CLI prints it as one ``Error: ...`` line and exits 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 
 class ArtplugError(Exception):
@@ -74,3 +74,21 @@ class ResumeError(ArtplugError):
 
     Continuing would overwrite the results of the run folder; ``--fork`` starts a new run.
     """
+
+
+def did_you_mean(
+    name: str, choices: Iterable[str], *, n: int = 2, cutoff: float = 0.6, sentence: bool = False
+) -> str:
+    """The did-you-mean hint for an unknown ``name``: ``" (did you mean 'a' or 'b'?)"``.
+
+    At most ``n`` of ``choices`` that are close to ``name`` (:func:`difflib.get_close_matches`
+    with ``cutoff``); ``""`` when none is. ``sentence=True`` gives ``" Did you mean 'a'?"`` for
+    a message made of sentences. The one helper every unknown-name message uses.
+    """
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=cutoff)
+    if not close:
+        return ""
+    names = " or ".join(repr(c) for c in close)
+    return f" Did you mean {names}?" if sentence else f" (did you mean {names}?)"

@@ -376,22 +376,20 @@ def build_model(
     *,
     in_channels: int,
     num_classes: int,
-    image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
     depth: int = 28,
     width: int = 10,
     dropout: float = 0.0,
 ) -> ImageClassifier:
-    """Build architecture ``arch`` for ``(in_channels, image_size, image_size)`` inputs in [0, 1].
+    """Build architecture ``arch`` for ``(in_channels, H, W)`` inputs in [0, 1].
+
+    Every architecture pools adaptively, so any image size works.
 
     Args:
         arch: one of :data:`ARCHITECTURES`.
         in_channels: input channels (1 for digits and MNIST, 3 for CIFAR/SVHN).
         num_classes: size of the output.
-        image_size: input height/width. Every architecture pools adaptively, so this is only
-            checked (it must be positive); it is part of the signature so that future
-            size-dependent architectures need no new call site.
         mean, std: per-channel statistics for the ``normalize`` module (``in_channels`` values).
         depth, width, dropout: ``wide-resnet`` only (ignored by the other architectures);
             ``depth`` must be ``6n + 4``; ``dropout`` is applied inside every block.
@@ -405,10 +403,9 @@ def build_model(
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    if in_channels < 1 or num_classes < 1 or image_size < 1:
+    if in_channels < 1 or num_classes < 1:
         raise ValueError(
-            f"in_channels, num_classes and image_size must be positive, got {in_channels}, "
-            f"{num_classes} and {image_size}"
+            f"in_channels and num_classes must be positive, got {in_channels} and {num_classes}"
         )
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(

@@ -85,19 +85,56 @@ def ascent_step(grad: Tensor, step_size: float, norm: str) -> Tensor:
     return step_size * grad / (_per_example_l2(grad) + _TINY)
 
 
+# The marks below live on the model or parameter itself (plain attributes, not buffers), so they
+# follow it through wrapping and ``.to(device)`` and add nothing to the state dict. Their names
+# are private: plugins set and read them only through the functions of this module.
+_LOGIT_SCALE = "artplug_logit_scale"
+_ATTACK_LOGIT_SCALE = "artplug_attack_logit_scale"
+_NO_WEIGHT_DECAY = "artplug_no_weight_decay"
+
+
+def set_logit_scale(model: nn.Module, scale: float, attack_scale: float | None = None) -> None:
+    """Declare that ``model``'s outputs times ``scale`` are its softmax logits.
+
+    For a model transform whose head outputs bounded scores (hypersphere embedding: cosines
+    in [-1, 1]). Softmax-based losses read it back with :func:`logit_scale`, training attacks
+    with :func:`attack_logit_scale` (``attack_scale``, default ``scale``).
+    """
+    # object.__setattr__: nn.Module's __setattr__ is typed for tensors and modules only.
+    object.__setattr__(model, _LOGIT_SCALE, float(scale))
+    attack = scale if attack_scale is None else attack_scale
+    object.__setattr__(model, _ATTACK_LOGIT_SCALE, float(attack))
+
+
 def logit_scale(model: nn.Module) -> float:
     """The factor that turns ``model``'s outputs into softmax logits (1.0 for ordinary models).
 
-    A model transform whose head outputs bounded scores (hypersphere embedding: cosines) sets
-    the attribute ``artplug_logit_scale`` on the model; softmax-based losses multiply the
-    outputs by this factor, while terms defined on the raw outputs (logit pairing) do not.
+    Set by :func:`set_logit_scale` (the hypersphere transform's cosine head); softmax-based
+    losses multiply the outputs by this factor (``F.cross_entropy(logit_scale(m) * out, y)``),
+    while terms defined on the raw outputs (logit pairing) do not.
     """
-    return float(getattr(model, "artplug_logit_scale", 1.0))
+    return float(getattr(model, _LOGIT_SCALE, 1.0))
 
 
 def attack_logit_scale(model: nn.Module) -> float:
     """The factor applied to ``model``'s outputs inside training attacks (default: logit_scale)."""
-    return float(getattr(model, "artplug_attack_logit_scale", logit_scale(model)))
+    return float(getattr(model, _ATTACK_LOGIT_SCALE, logit_scale(model)))
+
+
+def no_weight_decay(param: nn.Parameter) -> nn.Parameter:
+    """Mark ``param`` so that ``[optim] weight_decay`` skips it; returns ``param``.
+
+    For a parameter a model transform adds that is a shape parameter rather than a weight
+    (SmoothReLU's ``b``): decay would pull it towards a different function, not towards small
+    weights. Call it in ``apply``, before the engine builds the optimizer.
+    """
+    object.__setattr__(param, _NO_WEIGHT_DECAY, True)
+    return param
+
+
+def is_no_weight_decay(param: Tensor) -> bool:
+    """Whether ``param`` was marked by :func:`no_weight_decay`."""
+    return bool(getattr(param, _NO_WEIGHT_DECAY, False))
 
 
 def projected_ascent(

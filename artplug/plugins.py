@@ -391,8 +391,3 @@ def report_warnings(plugin_set: PluginSet, stream: Any = None) -> None:
     out = stream if stream is not None else sys.stderr
     for line in plugin_set.warnings():
         print(f"Warning: {line}", file=out)
-
-
-def report_failures(plugin_set: PluginSet, stream: Any = None) -> None:
-    """Deprecated name of :func:`report_warnings` (which also reports name collisions)."""
-    report_warnings(plugin_set, stream)

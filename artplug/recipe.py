@@ -35,9 +35,16 @@ from pydantic import (
 )
 
 from artplug.data import DATASETS
-from artplug.errors import RecipeError
+from artplug.errors import RecipeError, did_you_mean
 from artplug.evaluate import ATTACKS
-from artplug.kinds import Kind, RecipeView, Threat
+from artplug.kinds import (
+    TRANSFORM_STAGES,
+    ChecksRecipe,
+    Kind,
+    RecipeView,
+    Threat,
+    transform_stage,
+)
 from artplug.models import ARCHITECTURES
 from artplug.registry import Registries
 
@@ -47,12 +54,6 @@ RESERVED_KEYS: dict[Kind, tuple[str, ...]] = {
     "loss": ("use", "id", "weight"),
     "transform": ("use",),
     "schedule": ("use",),
-}
-TABLE_OF_KIND: dict[Kind, str] = {
-    "perturbation": "perturbation",
-    "loss": "loss",
-    "transform": "transform",
-    "schedule": "schedule",
 }
 GLOBAL_KNOBS = ("lr_scale", "threat.eps_scale", "momentum")
 
@@ -431,7 +432,7 @@ def resolve(
 
     for key in data:
         if key not in ALL_TABLES:
-            problems.append(f"{key}: unknown table{_suggest(key, ALL_TABLES)}")
+            problems.append(f"{key}: unknown table{did_you_mean(key, ALL_TABLES)}")
 
     sections: dict[str, Any] = {}
     for name, model in SECTIONS.items():
@@ -599,6 +600,8 @@ def _cross_check(
             else:
                 owner[knob] = f"{spec.location} ({spec.use})"
 
+    problems.extend(_stage_order_problems(specs["transform"]))
+
     threat_section = sections.get("threat")
     if perturbation is not None and threat_section is not None:
         view = RecipeView(
@@ -611,10 +614,9 @@ def _cross_check(
         )
         every = [perturbation, *specs["transform"], *specs["loss"], *specs["schedule"]]
         for spec in every:
-            check = getattr(spec.cls, "check_recipe", None)
-            if check is None:
+            if not isinstance(spec.cls, ChecksRecipe):
                 continue
-            for reason in check(spec.params, view):
+            for reason in spec.cls.check_recipe(spec.params, view):
                 problems.append(f"{spec.location} ({spec.use}): {reason}")
 
     evaluation = sections.get("eval")
@@ -624,8 +626,37 @@ def _cross_check(
                 if name not in ATTACKS:
                     problems.append(
                         f"eval.{key}[{index}]: unknown attack {name!r}"
-                        f"{_suggest(name, ATTACKS)}; known: {', '.join(ATTACKS)}"
+                        f"{did_you_mean(name, ATTACKS)}; known: {', '.join(ATTACKS)}"
                     )
+
+
+def _stage_order_problems(transforms: Sequence[Any]) -> list[str]:
+    """One problem per transform listed after one of a later stage (see ``TRANSFORM_STAGES``).
+
+    The order is data declared by each transform (its ``stage``), so no plugin has to name
+    another one. Transforms without a stage may go anywhere.
+    """
+    rank = {stage: index for index, stage in enumerate(TRANSFORM_STAGES)}
+    order = " -> ".join(TRANSFORM_STAGES)
+    problems = []
+    for index, spec in enumerate(transforms):
+        stage = transform_stage(spec.cls)
+        if stage is None:
+            continue
+        later = [
+            other
+            for other in transforms[:index]
+            if (other_stage := transform_stage(other.cls)) is not None
+            and rank[other_stage] > rank[stage]
+        ]
+        if later:
+            names = ", ".join(f"{other.use!r} ({transform_stage(other.cls)})" for other in later)
+            problems.append(
+                f"{spec.location} ({spec.use}): {spec.use} must come before {names}: transforms "
+                f"are listed, and applied, in stage order {order}, and {spec.use} is a "
+                f"{stage!r} transform"
+            )
+    return problems
 
 
 def _render(exc: ValidationError, prefix: str) -> list[str]:
@@ -710,13 +741,6 @@ def out_dir_problem(out_dir: str) -> str | None:
     return None
 
 
-def _suggest(name: str, choices: Sequence[str] | Mapping[str, Any]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(choices), n=2, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-
-
 def _deep_copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _deep_copy(v) for k, v in value.items()}
@@ -767,7 +791,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         elif isinstance(node, dict):
             if part not in node:
                 if depth == 0 and part not in ALL_TABLES:
-                    raise ValueError(f"unknown table {part!r}{_suggest(part, ALL_TABLES)}")
+                    raise ValueError(f"unknown table {part!r}{did_you_mean(part, ALL_TABLES)}")
                 node[part] = [] if part in ("transform", "loss", "schedule") else {}
             node = node[part]
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 from collections.abc import Iterator
@@ -11,8 +10,8 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from artplug.errors import PluginError
-from artplug.kinds import KINDS, REQUIRED_METHODS, Kind
+from artplug.errors import PluginError, did_you_mean
+from artplug.kinds import KINDS, REQUIRED_METHODS, TRANSFORM_STAGES, Kind
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]*$")
 
@@ -79,6 +78,12 @@ class Registry:
         for method in REQUIRED_METHODS[self.kind]:
             if not callable(getattr(cls, method, None)):
                 raise PluginError(f"{label}: missing method {method}()")
+        if self.kind == "transform":
+            stage = getattr(cls, "stage", None)
+            if stage is not None and stage not in TRANSFORM_STAGES:
+                raise PluginError(
+                    f"{label}: stage {stage!r} is not one of {', '.join(TRANSFORM_STAGES)}"
+                )
         if self.kind == "loss":
             needs = getattr(cls, "needs", None)
             # needs may be set per instance (it can depend on Params); a class value must be valid.
@@ -132,8 +137,7 @@ class Registry:
         """
         if name in self._contested:
             return self._contested[name]
-        close = difflib.get_close_matches(name, self._entries, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, self._entries, n=3, cutoff=0.5, sentence=True)
         installed = ", ".join(sorted(self._entries)) or "(none)"
         return f"no {self.kind} named {name!r}.{hint} Installed: {installed}"
 

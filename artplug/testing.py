@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from artplug.kinds import Outputs, Progress, StepState, Threat
+from artplug.kinds import Outputs, Progress, StepState, Threat, UpdateHook
 from artplug.plugins import PluginSet, load_plugins
 
 CONTRACT_THREATS = (Threat("linf", 0.1), Threat("l2", 0.5))
@@ -41,7 +41,6 @@ def tiny_model(num_classes: int = 10, seed: int = 0) -> nn.Module:
         "small-cnn",
         in_channels=1,
         num_classes=num_classes,
-        image_size=8,
         mean=(0.3,),
         std=(0.4,),
     )
@@ -156,6 +155,43 @@ def check_model_transform(cls: type[Any], params: Mapping[str, Any] | None = Non
     assert after == before, f"{cls.__name__}: output shape {tuple(before)} became {tuple(after)}"
     transformed.train()
     transformed(x).sum().backward()
+    if isinstance(_instantiate(cls, params), UpdateHook):
+        check_update_hook(cls, params)
+
+
+def check_update_hook(cls: type[Any], params: Mapping[str, Any] | None = None) -> None:
+    """Assert the optional UpdateHook contract of a model transform (:class:`artplug.UpdateHook`).
+
+    Runs the engine's order on a tiny model in train mode: ``apply``, ``before_update``, a
+    backward at the hook's weights, ``after_backward_update``. Checks: ``before_update`` leaves
+    no ``.grad`` on parameters, leaves buffers (BatchNorm statistics) and the inputs unchanged;
+    after ``after_backward_update`` every parameter is bit-for-bit what it was, and the
+    gradient is finite. Run it twice, so state kept between the two calls is reset.
+    """
+    hook = _instantiate(cls, params)
+    model = hook.apply(tiny_model())
+    model.train()
+    x, y = tiny_batch()
+    x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    inputs = (x.clone(), x_adv.clone())
+    label = cls.__name__
+    for step in range(2):
+        weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        _clear_grads(model)
+        hook.before_update(model, x, x_adv, y, make_state(model, Threat("linf", 0.1), step=step))
+        _assert_no_param_grads(model, f"{label}.before_update")
+        for name, buffer in model.named_buffers():
+            assert torch.equal(buffer, buffers[name]), (
+                f"{label}.before_update changed buffer {name}"
+            )
+        assert torch.equal(x, inputs[0]) and torch.equal(x_adv, inputs[1]), f"{label}: inputs"
+        torch.nn.functional.cross_entropy(model(x_adv), y).backward()
+        hook.after_backward_update(model)
+        for name, parameter in model.named_parameters():
+            assert torch.equal(parameter, weights[name]), f"{label}: {name} not restored"
+            if parameter.grad is not None:
+                assert torch.isfinite(parameter.grad).all(), f"{label}: {name}.grad not finite"
 
 
 def check_schedule(cls: type[Any], params: Mapping[str, Any] | None = None) -> None:

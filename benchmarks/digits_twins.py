@@ -78,7 +78,7 @@ def main() -> None:
             wall = time.perf_counter() - started
             acc = {k: 100 * v for k, v in result.final.items()}
             print(
-                f"| `digits/{name}.toml` | {recipe.summary()} | {acc['clean']:.1f} | "
+                f"| `{folder.name}/{name}.toml` | {recipe.summary()} | {acc['clean']:.1f} | "
                 f"{acc['fgsm']:.1f} | {acc['pgd-20']:.1f} | {acc['pgd-50']:.1f} | {wall:.0f} |",
                 flush=True,
             )

@@ -37,11 +37,11 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 import artplug
@@ -328,11 +328,11 @@ class GuidedDropoutTransform:
     """
 
     name = "guided-dropout"
+    # Acts on the penultimate features: after latent sites, before the head is replaced.
+    stage: ClassVar[artplug.TransformStage] = "features"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``guided-dropout`` model transform."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         rule: Literal["contribution", "strength"] = Field(
             "contribution",
@@ -428,19 +428,12 @@ class GuidedDropoutTransform:
 
     @classmethod
     def check_recipe(cls, params: Params, recipe: artplug.RecipeView) -> Iterable[str]:
-        """Reject a repeated transform, one after ``hypersphere``, and a no-op during_attack."""
+        """Reject a repeated transform and a no-op during_attack (the order follows ``stage``)."""
         transforms = list(recipe.transforms)
         reasons = []
         count = transforms.count(cls.name)
         if count > 1:
             reasons.append(f"guided-dropout is listed {count} times; list it once")
-        mine = transforms.index(cls.name) if cls.name in transforms else -1
-        if "hypersphere" in transforms[:mine]:
-            reasons.append(
-                "guided-dropout must come before hypersphere (transforms apply in the order "
-                "SAT -> SLAT sites -> AALP dropout -> HE head); move it above the hypersphere "
-                "[[transform]]"
-            )
         if params.during_attack and recipe.model_mode != "train":
             reasons.append(
                 "during_attack = true has no effect while the attack runs in eval mode; set "
@@ -540,10 +533,8 @@ class AdaptiveLogitPairing:
     name = "adaptive-logit-pairing"
     needs = frozenset({"clean", "adv"})
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``adaptive-logit-pairing`` loss term."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         weighting: Weighting = Field(
             "own-share",
@@ -600,8 +591,8 @@ class AdaptiveLogitPairing:
             out.logits_adv,
             out.y,
             scale=artplug.logit_scale(state.model),
-            margin=float(params.margin),
-            label_smoothing=float(params.label_smoothing),
+            margin=params.margin,
+            label_smoothing=params.label_smoothing,
         )
         misclassified = out.logits_adv.detach().argmax(dim=1) != out.y
         weights = sample_weights(
@@ -609,10 +600,10 @@ class AdaptiveLogitPairing:
             lp,
             misclassified,
             weighting=params.weighting,
-            lam=float(params.lam),
-            rho=float(params.rho),
+            lam=params.lam,
+            rho=params.rho,
         )
-        per_example = (1.0 - weights) * float(params.c) * ce + weights * float(params.lam) * lp
+        per_example = (1.0 - weights) * params.c * ce + weights * params.lam * lp
         return per_example.mean()
 
     @classmethod

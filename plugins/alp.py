@@ -47,7 +47,6 @@ ImageNet robustness was later broken; evaluate ALP-family models with AutoAttack
 from __future__ import annotations
 
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 import artplug
@@ -65,10 +64,8 @@ class LogitPairing:
     name = "logit-pairing"
     needs = frozenset({"clean", "adv"})
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """No parameters: λ is the recipe's ``weight``."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
     def __init__(self, params: Params) -> None:
         self.params = params

@@ -18,7 +18,7 @@ Under an L2 threat the step is the L2-normalised gradient (the "fast gradient me
 from __future__ import annotations
 
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 import artplug
@@ -36,10 +36,8 @@ class FGSM:
 
     name = "fgsm"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``fgsm`` perturbation."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         random_start: bool = Field(
             False, description="start uniformly in the ball (FastAT) instead of at the clean input"
@@ -65,7 +63,7 @@ class FGSM:
             return x
         random_start = bool(params.random_start)
         if params.step_size is not None:
-            step_size = float(params.step_size)
+            step_size = params.step_size
         else:
             step_size = 1.25 * threat.eps if random_start else threat.eps
         start = artplug.random_start(x, threat) if random_start else x

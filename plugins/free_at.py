@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 import artplug
@@ -34,8 +34,8 @@ class _ReplaysFromParams:
     def __get__(self, obj: FreeAT | None, owner: type[FreeAT]) -> int:
         if obj is None:
             return int(owner.Params.model_fields["replays"].default)
-        # Knob values arrive as floats; range() in the engine needs an int.
-        return max(1, round(obj.params.replays))
+        # The engine validates knob updates, so this is already an int >= 1.
+        return obj.params.replays
 
 
 class FreeAT:
@@ -74,10 +74,8 @@ class FreeAT:
 
     name = "free"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``free`` perturbation."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         replays: int = Field(
             8, ge=1, description="m: optimizer steps (and δ updates) per minibatch"
@@ -135,7 +133,7 @@ class FreeAT:
         delta = self._delta_for(grad)
         n = grad.shape[0]
         threat = state.threat
-        step_size = threat.eps if self.params.step_size is None else float(self.params.step_size)
+        step_size = threat.eps if self.params.step_size is None else self.params.step_size
         old = delta[:n]
         # The ball only, no [0, 1] box: δ is shared by batches, each clipped in generate().
         new = artplug.project_ball(old + artplug.ascent_step(grad, step_size, threat.norm), threat)

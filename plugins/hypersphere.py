@@ -8,7 +8,7 @@ module registers:
 
 - model transform ``hypersphere``: replaces the model's final ``nn.Linear`` ``fc`` by a
   bias-free :class:`CosineHead` whose outputs are ``cos θ_k = <Ŵ_k, φ̂>`` in [−1, 1], and
-  publishes the logit scale ``s`` on the model (``artplug_logit_scale``) so that softmax-based
+  publishes the logit scale ``s`` on the model (``artplug.set_logit_scale``) so that softmax-based
   terms train on ``s·cos``;
 - loss term ``he-margin``: the additive-margin cross-entropy ``CE(s·(cos − m·onehot(y)), y)``.
 
@@ -40,11 +40,11 @@ unscaled cosines.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 import artplug
@@ -121,7 +121,7 @@ class Hypersphere:
     Replaces the model's final ``nn.Linear`` named ``fc`` (the model must compute
     ``forward(x) = fc(features(x))``, as every built-in architecture does) by a
     :class:`CosineHead` initialised from the old weight (rows normalised when ``weight_norm``),
-    and sets ``model.artplug_logit_scale = s`` and ``model.artplug_attack_logit_scale`` (``s``
+    and sets the model's logit scale to ``s`` and its attack logit scale (``s``
     for ``attack_logits = "s_cos"``, 1 for ``"cos"``). Cross-entropy and TRADES' KL then train
     on ``s·cos``, training attacks use the attack scale, logit pairing uses the raw cosines, and
     the evaluation attacks the raw cosines.
@@ -131,16 +131,17 @@ class Hypersphere:
     s = 10, m = 0.2. FastAT+HE has no official code; the Bag-of-Tricks repository runs FGSM
     with FN + WN and attacks the unscaled cosines by default (``attack_logits = "cos"``).
 
-    Must be the last ``[[transform]]``: the spec applies transforms in the fixed order SAT →
-    SLAT sites → AALP dropout → HE head, so hooks installed earlier see the final modules.
+    Its stage is ``"head"``, so it is the last ``[[transform]]``: transforms apply in stage
+    order SAT → SLAT sites → AALP dropout → HE head, so hooks installed earlier see the final
+    modules.
     """
 
     name = "hypersphere"
+    # Replaces the head: last, so hooks installed by earlier stages see the final modules.
+    stage: ClassVar[artplug.TransformStage] = "head"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``hypersphere`` model transform."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         s: float = Field(
             10.0,
@@ -185,30 +186,19 @@ class Hypersphere:
         model.fc = CosineHead(
             fc.weight, feature_norm=params.feature_norm, weight_norm=params.weight_norm
         )
-        scale = float(params.s)
-        # setattr: nn.Module's typed __setattr__ only admits tensors and modules.
-        setattr(model, "artplug_logit_scale", scale)  # noqa: B010
-        attack_scale = scale if params.attack_logits == "s_cos" else 1.0
-        setattr(model, "artplug_attack_logit_scale", attack_scale)  # noqa: B010
+        attack_scale = params.s if params.attack_logits == "s_cos" else 1.0
+        artplug.set_logit_scale(model, params.s, attack_scale=attack_scale)
         return model
 
     @classmethod
     def check_recipe(cls, params: Params, recipe: artplug.RecipeView) -> Iterable[str]:
-        """Reject a recipe where another transform follows ``hypersphere`` or it is repeated."""
+        """Reject a repeated ``hypersphere`` (its place, last, follows from ``stage``)."""
         transforms = list(recipe.transforms)
         reasons = []
         count = transforms.count(cls.name)
         if count > 1:
             reasons.append(
                 f"hypersphere is listed {count} times; the head can only be replaced once"
-            )
-        first = transforms.index(cls.name) if cls.name in transforms else len(transforms)
-        after = [t for t in transforms[first + 1 :] if t != cls.name]
-        if after:
-            reasons.append(
-                "hypersphere must be the last [[transform]] (transforms apply in the order "
-                "SAT -> SLAT sites -> AALP dropout -> HE head, so hooks see the final modules); "
-                f"move it after {', '.join(repr(t) for t in after)}"
             )
         return reasons
 
@@ -227,10 +217,8 @@ class HEMargin:
     name = "he-margin"
     needs: frozenset[str]
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``he-margin`` loss term."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         m: float = Field(
             0.2,
@@ -261,7 +249,7 @@ class HEMargin:
         cosines = artplug.full_precision(cosines)
         scale = artplug.logit_scale(state.model)
         # Knob values arrive as plain floats; float() also covers a validated Params value.
-        margin = float(params.m) * F.one_hot(out.y, cosines.shape[1]).to(cosines.dtype)
+        margin = params.m * F.one_hot(out.y, cosines.shape[1]).to(cosines.dtype)
         return F.cross_entropy(scale * (cosines - margin), out.y)
 
     @classmethod

@@ -38,15 +38,13 @@ from typing import Literal, Self
 import torch
 import torch.nn.functional as F
 
-# Sibling built-in modules, imported at module level so that the sub-tables are typed by their
-# own Params (validation, JSON schema and error messages come from slat and spat themselves).
-# This is no hard dependency on those *plugins*: ARTPLUG_DISABLE_PLUGINS blocks a plugin's
-# registration, not the import of its module, so moat loads whichever plugins are disabled. With
-# slat disabled, a recipe with single_attack = "slat" fails at its latent-sites transform
-# ("unknown transform"); with spat disabled, multi_attack = "spat" still works through moat.
-from artplug_plugins.slat import LatentSite, LatentSites, Slat, latent_sites
+# SLAT's step and latent sites come from artplug itself (artplug/latent.py), so moat never
+# depends on the slat plugin: with slat disabled, moat still loads, and a recipe with
+# single_attack = "slat" fails at its latent-sites transform ("unknown transform"). The spat
+# sibling is imported for its Params (the sub-table is typed by them); ARTPLUG_DISABLE_PLUGINS
+# blocks a plugin's registration, not the import of its module.
 from artplug_plugins.spat import SPAT
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 import artplug
@@ -108,10 +106,8 @@ class MOAT:
 
     name = "moat"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``moat`` perturbation."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         stage: int = Field(
             2,
@@ -131,7 +127,7 @@ class MOAT:
             description="fgsm-rs step in pixel units; None means 1.25 * eps (with 'slat' the "
             "step is slat.alpha * eps)",
         )
-        slat: Slat.Params | None = Field(
+        slat: artplug.LatentStepParams | None = Field(
             None,
             description="parameters of the slat perturbation for single_attack = 'slat' "
             "(a sub-table, e.g. slat = { alpha = 0.9 }); None means slat's defaults",
@@ -196,36 +192,35 @@ class MOAT:
         self.params = params
         # The delegates are built once; generate() hands them the current sub-parameters at
         # every call, since schedules may replace self.params between steps.
-        self._slat_defaults = Slat.Params()
+        self._slat_defaults = artplug.LatentStepParams.model_validate({})
         self._spat_defaults = SPAT.Params()
-        self._slat = Slat(params.slat or self._slat_defaults)
         self._spat = SPAT(params.spat or self._spat_defaults)
 
     def generate(self, model: nn.Module, x: Tensor, y: Tensor, state: artplug.StepState) -> Tensor:
         """Return the batch for the current stage (detached, in [0, 1], inside the ball)."""
-        # Read params at call time: the moat-stages schedule swaps them between steps, and
-        # knob values may arrive as floats (the engine's model_copy does not re-validate).
+        # Read params at call time: the moat-stages schedule swaps them between steps (the
+        # engine validates every update, so ``stage`` is an int in [0, 2]).
         params = self.params
         threat = state.threat
         x = x.detach()
-        sites = latent_sites(model)
+        sites = artplug.latent_sites(model)
         # First of all, at every stage: a SLAT step left in the sites by an earlier stage-1
         # call would otherwise perturb this step's update forward (SLAT clears them only at
         # its own next call, which a clean or multi-step stage never makes).
         for site in sites:
             site.clear()
-        stage = min(2, max(0, round(params.stage)))
+        stage = params.stage
         if stage == 0:
             return x
-        n_clean = math.floor(float(params.clean_fraction) * x.shape[0])
+        n_clean = math.floor(params.clean_fraction * x.shape[0])
         if n_clean >= x.shape[0]:
             return x
         x_att, y_att = x[n_clean:], y[n_clean:]
         if stage == 1 and params.single_attack == "slat":
             # Delegated before the eps = 0 shortcut: SLAT still takes latent steps at eps 0
             # (e.g. at the start of an eps warm-up), as it does as a perturbation of its own.
-            self._slat.params = params.slat or self._slat_defaults
-            adv = self._slat.generate(model, x_att, y_att, state)
+            slat = params.slat or self._slat_defaults
+            adv = artplug.latent_sign_step(model, x_att, y_att, state, slat)
             _pad_latent_steps(sites, n_clean)
         elif stage == 2 and params.multi_attack == "spat":
             self._spat.params = params.spat or self._spat_defaults
@@ -253,11 +248,11 @@ class MOAT:
         if stage == 1:
             steps = 1
             size = params.single_step_size
-            step_size = 1.25 * threat.eps if size is None else float(size)
+            step_size = 1.25 * threat.eps if size is None else size
         else:
-            steps = max(1, round(params.multi_steps))
+            steps = params.multi_steps
             size = params.multi_step_size
-            step_size = threat.eps / 4 if size is None else float(size)
+            step_size = threat.eps / 4 if size is None else size
         start = artplug.random_start(x, threat)
         return artplug.projected_ascent(
             model, x, start, threat, objective, steps=steps, step_size=step_size
@@ -266,7 +261,7 @@ class MOAT:
     @classmethod
     def check_recipe(cls, params: Params, recipe: artplug.RecipeView) -> Iterable[str]:
         """Rules of the delegated stages: SLAT's sites and losses, SPAT's own rules."""
-        has_sites = LatentSites.name in recipe.transforms
+        has_sites = artplug.LATENT_SITES_TRANSFORM in recipe.transforms
         if params.single_attack == "slat":
             if not has_sites:
                 yield (
@@ -291,7 +286,7 @@ class MOAT:
                 yield f'multi_attack = "spat" (its parameters: the spat sub-table): {reason}'
 
 
-def _pad_latent_steps(sites: list[LatentSite], n_clean: int) -> None:
+def _pad_latent_steps(sites: list[artplug.LatentSite], n_clean: int) -> None:
     """Give the ``n_clean`` leading clean rows a zero latent step in every site.
 
     SLAT ran on the attacked rows only, so its steps have ``B − n_clean`` rows while the update
@@ -322,10 +317,8 @@ class MOATStages:
 
     name = "moat-stages"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``moat-stages`` schedule."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         clean_epochs: float = Field(
             1.0,

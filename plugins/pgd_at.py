@@ -26,7 +26,7 @@ from typing import Literal, Self
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 import artplug
@@ -37,10 +37,8 @@ class NoPerturbation:
 
     name = "none"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """No parameters."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
     def __init__(self, params: Params) -> None:
         self.params = params
@@ -73,10 +71,8 @@ class PGD:
 
     name = "pgd"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``pgd`` perturbation."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         steps: int = Field(10, ge=1, description="gradient steps per restart")
         step_size: float | None = Field(
@@ -110,8 +106,8 @@ class PGD:
 
     def generate(self, model: nn.Module, x: Tensor, y: Tensor, state: artplug.StepState) -> Tensor:
         """Return the PGD adversarial batch (detached, in [0, 1], inside ``state.threat``)."""
-        # Read params at call time: schedules replace self.params between steps. Knob values
-        # arrive as floats (the engine's model_copy does not re-validate), hence round()/bool().
+        # Read params at call time: schedules replace self.params between steps (with a copy
+        # the engine has validated, so every field has its declared type).
         params = self.params
         threat = state.threat
         x = x.detach()
@@ -119,11 +115,9 @@ class PGD:
             # Plain float comparison, no host sync. The ball is the single point x; skipping
             # the walk also returns x bit-exactly instead of relying on clamp arithmetic.
             return x
-        steps = max(1, round(params.steps))
-        restarts = max(1, round(params.restarts))
-        step_size = (
-            2.5 * threat.eps / steps if params.step_size is None else float(params.step_size)
-        )
+        steps = params.steps
+        restarts = params.restarts
+        step_size = 2.5 * threat.eps / steps if params.step_size is None else params.step_size
         targeted = params.target == "least-likely"
         if targeted:
             # The least-likely class of the clean input, once per call (s > 0, so the argmin of
@@ -201,10 +195,8 @@ class CrossEntropy:
     name = "cross-entropy"
     needs: frozenset[str]
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``cross-entropy`` loss term."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         on: Literal["adv", "clean"] = Field(
             "adv", description="which forward pass the loss is computed on"
@@ -229,7 +221,7 @@ class CrossEntropy:
             )
         # logit_scale is 1 for ordinary models; a hypersphere head outputs cosines and sets s.
         logits = artplug.logit_scale(state.model) * logits
-        return F.cross_entropy(logits, out.y, label_smoothing=float(params.label_smoothing))
+        return F.cross_entropy(logits, out.y, label_smoothing=params.label_smoothing)
 
 
 @artplug.hookimpl

@@ -32,7 +32,7 @@ import itertools
 import math
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 import artplug
 
@@ -55,10 +55,8 @@ class PiecewiseLR:
 
     name = "piecewise-lr"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``piecewise-lr`` schedule."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         milestones: list[float] = Field(
             default_factory=lambda: [100.0, 105.0],
@@ -102,10 +100,8 @@ class CosineLR:
 
     name = "cosine-lr"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``cosine-lr`` schedule."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         warmup_epochs: float = Field(
             0.0, ge=0.0, description="epochs of linear warm-up from 0 to 1 (0 = none)"
@@ -159,10 +155,8 @@ class CyclicLR:
 
     name = "cyclic-lr"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``cyclic-lr`` schedule."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         peak_at: float = Field(
             0.5, gt=0.0, lt=1.0, description="fraction of training at which the scale is 1"
@@ -233,10 +227,8 @@ class LinearEpsWarmup:
 
     name = "linear-eps-warmup"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``linear-eps-warmup`` schedule."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         warmup_epochs: float = Field(
             5.0, gt=0.0, description="epochs over which eps grows to its full value"

@@ -41,19 +41,19 @@ Differences from the released code, all deliberate:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Iterable
+from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 import artplug
 
-SITE_ATTRIBUTE = "artplug_latent_site"
-"""Name of the attribute through which a hooked module points at its :class:`LatentSite`."""
+# The site machinery lives in artplug (artplug/latent.py) so that moat can run SLAT without
+# importing this plugin; these names stay importable from here for existing code.
+LatentSite = artplug.LatentSite
+latent_sites = artplug.latent_sites
+capture = artplug.capture_latents
 
 DEFAULT_SITES: dict[str, tuple[str, ...]] = {
     # SLAT preresnet.py: after the stem conv and after the first stage.
@@ -64,148 +64,6 @@ DEFAULT_SITES: dict[str, tuple[str, ...]] = {
     "SmallCNN": ("layer1", "layer2"),
 }
 """Default sites per artplug architecture (class name), used when ``sites`` is not given."""
-
-# Transforms that latent-sites must precede (docs/techniques/README.md, rule 3: SAT -> SLAT sites ->
-# AALP dropout -> HE head), so that later transforms see, and keep, the hooked modules.
-_MUST_FOLLOW_SITES = ("guided-dropout", "hypersphere")
-
-
-class LatentSite:
-    """A latent perturbation point on the output of one module, installed as its forward hook.
-
-    Behaviour per forward pass of the hooked module:
-
-    - while :func:`capture` arms it (the ``slat`` perturbation's clean forward, which the engine
-      runs in the ``"attack"`` phase): keep a reference to the output, unchanged, so that the
-      perturbation can differentiate the loss with respect to it in the same backward as the
-      input gradient; a second call in the same armed forward is an error (a module used twice
-      has no single output to perturb);
-    - in the ``"update-adv"`` phase, when a ``delta`` is stored: return
-      ``clamp(h + delta, lo, hi)`` where ``lo``/``hi`` are the minimum/maximum of ``h`` over its
-      spatial positions, per example and channel, on THIS forward's unperturbed ``h`` (the
-      code's "domain constraint": the perturbed map stays inside the range the clean map spans;
-      the code writes it ``h + clamp(delta, lo − h, hi − h)``). The perturbation is a constant
-      for autograd, as in the code: the gradient reaching ``h`` is the output's gradient,
-      also where the clamp acted;
-    - otherwise (``"update-clean"``, ``"update"``, ``"eval"``, or no ``delta``): the identity.
-
-    ``delta`` is set by the ``slat`` perturbation and kept until its next ``generate`` (which
-    clears it first), so every ``"update-adv"`` forward of one optimizer step sees the same
-    step; a forward whose output shape differs from ``delta``'s raises ``RuntimeError``.
-    """
-
-    def __init__(self, name: str, *, domain_constraint: bool = True) -> None:
-        self.name = name
-        self.domain_constraint = domain_constraint
-        self.delta: Tensor | None = None
-        self._armed = False
-        self._retained: Tensor | None = None
-
-    def __repr__(self) -> str:
-        """Name and state, for error messages and debugging."""
-        stored = "none" if self.delta is None else tuple(self.delta.shape)
-        return f"LatentSite({self.name!r}, delta={stored})"
-
-    def clear(self) -> None:
-        """Forget the stored step and any retained output."""
-        self.delta = None
-        self._retained = None
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Tensor | None:
-        """The forward hook: retain, perturb or pass through (``None`` keeps the output)."""
-        if self._armed:
-            self._retain(output)
-            return None
-        if self.delta is not None and artplug.current_phase() == "update-adv":
-            return self.perturb(output)
-        return None
-
-    def _retain(self, output: Any) -> None:
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"latent site {self.name!r}: the module returns {type(output).__name__}, "
-                "not a tensor; choose a module whose output is one feature map"
-            )
-        if self.domain_constraint and output.dim() < 3:
-            raise ValueError(
-                f"latent site {self.name!r}: output of shape {tuple(output.shape)} has no "
-                "spatial dimensions for the domain constraint (per-channel min/max over "
-                "positions); choose a convolutional stage or set domain_constraint = false"
-            )
-        if self._retained is not None:
-            raise RuntimeError(
-                f"latent site {self.name!r}: the module ran twice in one forward; a module "
-                "called more than once has no single output to perturb, choose another site"
-            )
-        self._retained = output
-
-    def take_retained(self) -> Tensor:
-        """The output retained by the armed forward (and forget it); error if it did not run."""
-        retained, self._retained = self._retained, None
-        if retained is None:
-            raise RuntimeError(
-                f"latent site {self.name!r}: the module did not run in the model's forward, "
-                "so it has no output to perturb; choose a module the forward uses"
-            )
-        return retained
-
-    def perturb(self, output: Tensor) -> Tensor:
-        """``output`` plus the stored step, clipped by the domain constraint (see the class)."""
-        delta = self.delta
-        assert delta is not None
-        if delta.shape != output.shape:
-            raise RuntimeError(
-                f"latent site {self.name!r}: the stored perturbation has shape "
-                f"{tuple(delta.shape)} but this update-adv forward gives {tuple(output.shape)}; "
-                "the update forward must use the batch that slat.generate perturbed"
-            )
-        delta = delta.to(output.dtype)
-        if not self.domain_constraint:
-            return output + delta
-        with torch.no_grad():
-            spatial = tuple(range(2, output.dim()))
-            low = output.amin(dim=spatial, keepdim=True)
-            high = output.amax(dim=spatial, keepdim=True)
-        return _ClampedShift.apply(output, delta, low, high)
-
-
-class _ClampedShift(torch.autograd.Function):
-    """``clamp(h + delta, low, high)`` whose gradient reaches ``h`` unchanged.
-
-    The SLAT code adds a perturbation that was clipped to ``[low − h, high − h]`` outside
-    autograd, so the perturbed map has the clipped values while ``∂out/∂h`` is the identity.
-    A custom function gives the same in two elementwise passes (add, clamp) and no backward
-    work, instead of the five passes of ``h + (clamp(h + delta) − h).detach()``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, h: Tensor, delta: Tensor, low: Tensor, high: Tensor) -> Tensor:
-        """The clipped sum (autograd is off inside ``forward``)."""
-        return (h + delta).clamp_(low, high)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        """Identity for ``h``; ``delta`` and the bounds are constants."""
-        return grad, None, None, None
-
-
-def latent_sites(model: nn.Module) -> list[LatentSite]:
-    """The sites installed on ``model`` (also when it was wrapped after the transform)."""
-    found = (getattr(module, SITE_ATTRIBUTE, None) for module in model.modules())
-    return [site for site in found if isinstance(site, LatentSite)]
-
-
-@contextmanager
-def capture(sites: Iterable[LatentSite]) -> Iterator[None]:
-    """Arm ``sites`` to retain their outputs during the forward inside the ``with`` block."""
-    armed = list(sites)
-    for site in armed:
-        site._armed = True
-    try:
-        yield
-    finally:
-        for site in armed:
-            site._armed = False
 
 
 def _valid_site_names(model: nn.Module) -> list[str]:
@@ -228,12 +86,13 @@ class LatentSites:
     replaced by a later transform, and the model must not modify a site's output in place.
     """
 
-    name = "latent-sites"
+    name = artplug.LATENT_SITES_TRANSFORM
+    # After smooth activations, before guided dropout and the hypersphere head: later
+    # transforms must see, and keep, the hooked modules (docs/techniques/README.md, rule 3).
+    stage: ClassVar[artplug.TransformStage] = "sites"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``latent-sites`` model transform."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         sites: list[str] | None = Field(
             None,
@@ -289,11 +148,9 @@ class LatentSites:
         if missing:
             raise ValueError(self._missing_message(model, missing))
         for name in names:
-            module = modules[name]
-            site = LatentSite(name, domain_constraint=self.params.domain_constraint)
-            module.register_forward_hook(site)
-            # A plain attribute, not a submodule: the site adds nothing to the state dict.
-            setattr(module, SITE_ATTRIBUTE, site)
+            artplug.add_latent_site(
+                modules[name], name, domain_constraint=self.params.domain_constraint
+            )
         return model
 
     @staticmethod
@@ -313,8 +170,7 @@ class LatentSites:
 
     @classmethod
     def check_recipe(cls, params: Params, recipe: artplug.RecipeView) -> Iterable[str]:
-        """Require ``slat`` (or ``moat``), one listing, and the transform order of
-        docs/techniques/README.md, combinations.
+        """Require ``slat`` (or ``moat``) and one listing (the order follows from ``stage``).
 
         ``moat`` is accepted because it can run SLAT as its single-step stage; whether it
         does (``single_attack = "slat"``) is a parameter of ``moat``, which a transform cannot
@@ -324,16 +180,8 @@ class LatentSites:
         count = transforms.count(cls.name)
         if count > 1:
             yield f"latent-sites is listed {count} times; list it once with all its sites"
-        first = transforms.index(cls.name) if cls.name in transforms else len(transforms)
-        before = [t for t in transforms[:first] if t in _MUST_FOLLOW_SITES]
-        if before:
-            yield (
-                "latent-sites must come before "
-                f"{', '.join(repr(t) for t in before)} (transforms apply in the order SAT -> "
-                "SLAT sites -> AALP dropout -> HE head, so hooks see the final modules)"
-            )
         # The perturbations that fill the sites: slat, and moat, which delegates its
-        # single-step stage to slat (moat imports this module, so moat is named by its string).
+        # single-step stage to slat (moat is a separate plugin, so it is named by its string).
         if recipe.perturbation not in (Slat.name, "moat"):
             yield (
                 "latent-sites only acts through the slat perturbation (it is the identity "
@@ -368,30 +216,10 @@ class Slat:
 
     name = "slat"
 
-    class Params(BaseModel):
-        """Parameters of the ``slat`` perturbation."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
-        alpha: float = Field(
-            0.9,
-            gt=0.0,
-            allow_inf_nan=False,
-            description="input step = alpha * eps (the code's alpha, 0.9)",
-        )
-        latent_eps: float = Field(
-            8 / 255,
-            ge=0.0,
-            allow_inf_nan=False,
-            description="eta: bound of every latent step, in raw activation units (8/255)",
-        )
-        latent_multiplier: float | None = Field(
-            None,
-            gt=0.0,
-            allow_inf_nan=False,
-            description="latent step = multiplier * latent_eps * sign(grad) before the clip "
-            "to ±latent_eps; None = 2 * alpha (the code)",
-        )
+    # SLAT's step lives in artplug (so moat can run it without this plugin); its parameters
+    # are this perturbation's table, and moat's slat sub-table, unchanged.
+    class Params(artplug.LatentStepParams):
+        """The parameters of :func:`artplug.latent_sign_step` (see there)."""
 
     def __init__(self, params: Params) -> None:
         self.params = params
@@ -399,49 +227,12 @@ class Slat:
     def generate(self, model: nn.Module, x: Tensor, y: Tensor, state: artplug.StepState) -> Tensor:
         """Return ``x_adv`` and store the latent steps into the model's sites (see the class)."""
         # Read params at call time: schedules replace self.params between steps.
-        params = self.params
-        threat = state.threat
-        x = x.detach()
-        sites = latent_sites(model)
-        for site in sites:
-            site.clear()
-        if threat.eps == 0 and not sites:
-            return x
-        scale = artplug.attack_logit_scale(model)
-        with torch.enable_grad():
-            x_in = x.clone().requires_grad_(True)
-            with capture(sites):
-                outputs = model(x_in)
-            retained = [site.take_retained() for site in sites]
-            # Sum, not mean: the per-example gradient does not depend on the batch size.
-            loss = F.cross_entropy(scale * outputs, y, reduction="sum")
-            # ONE backward for the input and every site: SLAT's cost is FGSM's. autograd.grad
-            # (not backward) leaves no .grad on the parameters.
-            grads = torch.autograd.grad(loss, [x_in, *retained], allow_unused=True)
-        grad_in, *grad_sites = grads
-        if grad_in is None:
-            raise RuntimeError("slat: the model's output does not depend on its input")
-        step = float(params.alpha) * threat.eps
-        x_adv = artplug.project(x + artplug.ascent_step(grad_in, step, threat.norm), x, threat)
-        eta = float(params.latent_eps)
-        multiplier = (
-            2.0 * float(params.alpha)
-            if params.latent_multiplier is None
-            else float(params.latent_multiplier)
-        )
-        # clip_[-eta, eta](m * eta * s) = min(m, 1) * eta * s for signs s in {-1, 0, 1}: one
-        # elementwise pass fewer on every site.
-        latent_step = min(multiplier, 1.0) * eta
-        for site, grad in zip(sites, grad_sites, strict=True):
-            if grad is None:
-                raise RuntimeError(f"slat: the loss does not depend on latent site {site.name!r}")
-            site.delta = grad.sign().mul_(latent_step)
-        return x_adv.detach()
+        return artplug.latent_sign_step(model, x, y, state, self.params)
 
     @classmethod
     def check_recipe(cls, params: Params, recipe: artplug.RecipeView) -> Iterable[str]:
         """Require ``latent-sites``; reject the ``trades`` loss."""
-        if LatentSites.name not in recipe.transforms:
+        if artplug.LATENT_SITES_TRANSFORM not in recipe.transforms:
             yield (
                 'slat perturbs latent feature maps; add [[transform]] use = "latent-sites" '
                 "(before any guided-dropout or hypersphere transform)"

@@ -33,7 +33,7 @@ read):
 - SmoothReLU keeps one learnable scalar ``b`` per replaced module (initialised to 20, as the
   official code's per-layer variable). Like the official code, which decays only convolution
   and fully connected weights, ``b`` gets no weight decay (the parameter carries the engine's
-  ``artplug_no_weight_decay`` flag); ``smoothrelu_learnable = false`` freezes ``b`` instead.
+  ``artplug.no_weight_decay``); ``smoothrelu_learnable = false`` freezes ``b`` instead.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ import inspect
 import textwrap
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, fx, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
@@ -87,7 +87,7 @@ class SmoothReLU(nn.Module):
         self.b = nn.Parameter(torch.tensor(float(b)), requires_grad=learnable)
         # The engine skips [optim] weight_decay for flagged parameters: the SAT code decays only
         # conv and fc weights, and decay on b would bend the activation away from ReLU.
-        self.b.artplug_no_weight_decay = True  # type: ignore[attr-defined]
+        artplug.no_weight_decay(self.b)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply SmoothReLU elementwise (half-precision inputs are computed in float32)."""
@@ -307,11 +307,11 @@ class SmoothActivation:
     """
 
     name = "smooth-activation"
+    # First: later hooks (latent sites) and heads must see the final activations.
+    stage: ClassVar[artplug.TransformStage] = "activation"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``smooth-activation`` model transform."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         activation: Activation = Field(
             "silu",
@@ -502,18 +502,11 @@ class SmoothActivation:
 
     @classmethod
     def check_recipe(cls, params: Params, recipe: artplug.RecipeView) -> Iterable[str]:
-        """Reject SAT after another transform, SAT twice, and a backward scope with no pass."""
+        """Reject SAT twice and a backward scope with no pass (the order follows ``stage``)."""
         transforms = list(recipe.transforms)
         count = transforms.count(cls.name)
         if count > 1:
             yield f"{cls.name} is listed {count} times; ReLUs can only be replaced once"
-        if transforms and transforms[0] != cls.name:
-            before = transforms[: transforms.index(cls.name)]
-            yield (
-                f"{cls.name} must be the first [[transform]] (transforms apply in the order "
-                "SAT -> SLAT sites -> AALP dropout -> HE head, so later hooks and heads see the "
-                f"final activations); move it before {', '.join(repr(t) for t in before)}"
-            )
         no_attack_pass = recipe.perturbation in _NO_ATTACK_PASS
         if params.backward_only and params.scope == "attack" and no_attack_pass:
             yield (

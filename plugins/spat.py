@@ -76,7 +76,7 @@ import torch.nn.functional as F
 # The KL objective is trades-kl's own math, imported from the sibling module: the import does
 # not need the trades *plugin* (ARTPLUG_DISABLE_PLUGINS blocks registration, not imports).
 from artplug_plugins.trades import REFERENCE_STEP_RATIO, kl_attack_start, kl_terms
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 import artplug
@@ -235,10 +235,8 @@ class SPAT:
 
     name = "spat"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``spat`` perturbation."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         steps: int = Field(10, ge=1, description="gradient steps")
         step_size: float | None = Field(
@@ -323,18 +321,18 @@ class SPAT:
 
     def generate(self, model: nn.Module, x: Tensor, y: Tensor, state: artplug.StepState) -> Tensor:
         """Return the SPAT-like adversarial batch (detached, in [0, 1], inside the ball)."""
-        # Read params at call time: schedules replace self.params between steps (knob values
-        # arrive as floats, hence round()/float()).
+        # Read params at call time: schedules replace self.params between steps (with a copy
+        # the engine has validated, so every field has its declared type).
         params = self.params
         threat = state.threat
         x = x.detach()
         if threat.eps == 0:
             # A Python float: no host sync. The ball is the single point x.
             return x
-        steps = max(1, round(params.steps))
+        steps = params.steps
         kl = params.loss == "kl"
         if params.step_size is not None:
-            step_size = float(params.step_size)
+            step_size = params.step_size
         elif kl:
             step_size = threat.eps * REFERENCE_STEP_RATIO
         else:
@@ -342,7 +340,7 @@ class SPAT:
         scale = artplug.attack_logit_scale(model)
         with torch.enable_grad():
             if kl:
-                log_p, x_adv = kl_attack_start(model, x, threat, scale, float(params.init_std))
+                log_p, x_adv = kl_attack_start(model, x, threat, scale, params.init_std)
             elif bool(params.random_start):
                 x_adv = artplug.random_start(x, threat)
             else:
@@ -357,7 +355,7 @@ class SPAT:
                     objective = F.cross_entropy(logits, y, reduction="none")
                 heads = saliency_heads(outputs, params.saliency_on, scale)
                 saliencies, grad = class_saliencies_and_gradient(
-                    heads, objective, x_adv, round(params.directions_per_pass)
+                    heads, objective, x_adv, params.directions_per_pass
                 )
                 x_adv = x_adv.detach()
                 shared = shared_map(saliencies, params.reduce, params.granularity).to(x.dtype)
@@ -365,7 +363,7 @@ class SPAT:
                     shared = shared / _per_example_max(shared).clamp_min(_TINY)
                 grad = grad.to(x.dtype)
                 if params.mode == "mask":
-                    mask = step_mask(shared, params.mask_mode, float(params.gamma), params.tau)
+                    mask = step_mask(shared, params.mask_mode, params.gamma, params.tau)
                     step = mask * artplug.ascent_step(grad, step_size, threat.norm)
                     if bool(params.keep_budget):
                         # Without this the soft mask (median ~0.1 with reduce = "mean") shrinks
@@ -374,7 +372,7 @@ class SPAT:
                         # in docs/techniques/spat.md, it leaves most elements at a tenth too.)
                         step = keep_step_budget(step, step_size, threat.norm)
                 else:
-                    direction = penalty_direction(grad, shared, x_adv, x, float(params.lam))
+                    direction = penalty_direction(grad, shared, x_adv, x, params.lam)
                     step = artplug.ascent_step(direction, step_size, threat.norm)
                 x_adv = artplug.project(x_adv + step, x, threat)
         return x_adv.detach()

@@ -40,7 +40,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
 import artplug
@@ -92,10 +92,8 @@ class TradesKL:
 
     name = "trades-kl"
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``trades-kl`` perturbation."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         steps: int = Field(10, ge=1, description="gradient steps")
         step_size: float | None = Field(
@@ -116,22 +114,20 @@ class TradesKL:
 
     def generate(self, model: nn.Module, x: Tensor, y: Tensor, state: artplug.StepState) -> Tensor:
         """Return the TRADES adversarial batch (detached, in [0, 1], inside ``state.threat``)."""
-        # Read params at call time: schedules replace self.params between steps (knob values
-        # arrive as floats, hence round()/float()).
+        # Read params at call time: schedules replace self.params between steps (with a copy
+        # the engine has validated, so every field has its declared type).
         params = self.params
         threat = state.threat
         x = x.detach()
         if threat.eps == 0:
             # A Python float: no host sync. The ball is the single point x.
             return x
-        steps = max(1, round(params.steps))
+        steps = params.steps
         step_size = (
-            threat.eps * REFERENCE_STEP_RATIO
-            if params.step_size is None
-            else float(params.step_size)
+            threat.eps * REFERENCE_STEP_RATIO if params.step_size is None else params.step_size
         )
         scale = artplug.attack_logit_scale(model)
-        log_p, start = kl_attack_start(model, x, threat, scale, float(params.init_std))
+        log_p, start = kl_attack_start(model, x, threat, scale, params.init_std)
 
         def objective(outputs: Tensor) -> Tensor:
             # Sum over the batch (the reference's KLDivLoss(size_average=False)): each example's
@@ -158,10 +154,8 @@ class TradesLoss:
     name = "trades"
     needs = frozenset({"clean", "adv"})
 
-    class Params(BaseModel):
+    class Params(artplug.Params):
         """Parameters of the ``trades`` loss term."""
-
-        model_config = ConfigDict(extra="forbid", frozen=True)
 
         beta: float = Field(
             6.0, ge=0, description="weight of the KL (robustness) term; TRADES uses 1 to 10"
@@ -188,7 +182,7 @@ class TradesLoss:
         adv = scale * artplug.full_precision(out.logits_adv)
         # Not detached: the KL's gradient reaches the clean forward too, as in the reference.
         kl = kl_terms(F.log_softmax(clean, dim=1), adv).sum() / clean.shape[0]
-        robust = float(params.beta) * kl
+        robust = params.beta * kl
         if not bool(params.natural):
             return robust
         return F.cross_entropy(clean, out.y) + robust

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 import artplug
 import artplug.hookspecs
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.models import ImageClassifier
 from artplug.phase import running
 from artplug.recipe import load_recipe, resolve
@@ -42,6 +42,7 @@ from artplug.testing import (
     tiny_batch,
     tiny_model,
 )
+from artplug.workflows import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 Matrix = list[list[float]]
@@ -577,7 +578,7 @@ def test_allowed_stack_resolves(plugin_set) -> None:
 def test_guided_dropout_after_hypersphere_is_rejected(plugin_set) -> None:
     found = problems(plugin_set, recipe([{"use": "hypersphere"}, {"use": "guided-dropout"}]))
     assert any(
-        p.startswith("transform[1] (guided-dropout): guided-dropout must come before hypersphere")
+        p.startswith("transform[1] (guided-dropout): guided-dropout must come before 'hypersphere'")
         for p in found
     ), found
 
@@ -645,7 +646,7 @@ def test_two_step_training_run(plugin_set, run_tmp, he: bool) -> None:
     head = c.model.get_submodule("fc")
     assert isinstance(head, CosineHead if he else nn.Linear)
     before = head.weight.detach().clone()
-    result = fit(c, run_dir=run_tmp / "run", max_steps=2)
+    result = train_and_evaluate(c, run_dir=run_tmp / "run", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0
     assert all(math.isfinite(h["epoch/train_loss"]) for h in result.history)
     assert int(dropout_of(c.model).steps_seen) == 2  # clean + adv forwards = one step each
@@ -679,7 +680,7 @@ def test_cuda_amp_channels_last_run(plugin_set, run_tmp) -> None:
     raw["run"] = {"name": "aalp-gpu", "epochs": 1, "device": "cuda", "log_every": 1}
     c = build(resolve(raw, plugin_set.registries))
     assert c.amp_dtype == torch.bfloat16 and c.channels_last
-    result = fit(c, run_dir=run_tmp / "gpu", max_steps=3)
+    result = train_and_evaluate(c, run_dir=run_tmp / "gpu", max_steps=3)
     assert 0.0 <= result.final["clean"] <= 1.0
     assert int(dropout_of(c.model).steps_seen) == 3
 

@@ -15,10 +15,11 @@ from torch import Tensor, nn
 
 import artplug
 import artplug.hookspecs
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.recipe import EvalSection, resolve
 from artplug.registry import Registry
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 
 def outputs(n: int = 6, classes: int = 5) -> artplug.Outputs:
@@ -141,7 +142,7 @@ def test_digits_alp_recipe_trains_two_steps(plugin_set, tmp_path: Path) -> None:
         loss=alp_losses(),
     )
     c = build(resolve(without_sanity_gate(raw), plugin_set.registries))
-    result = fit(c, run_dir=tmp_path / "alp", max_steps=2)
+    result = train_and_evaluate(c, run_dir=tmp_path / "alp", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0
 
 
@@ -154,7 +155,7 @@ def test_digits_alp_he_recipe_trains_two_steps(plugin_set, tmp_path: Path) -> No
         loss=alp_losses(ce="he-margin"),
     )
     c = build(resolve(without_sanity_gate(raw), plugin_set.registries))
-    result = fit(c, run_dir=tmp_path / "alp-he", max_steps=2)
+    result = train_and_evaluate(c, run_dir=tmp_path / "alp-he", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0
 
 

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from artplug import checkpoint as ckpt
-from artplug.engine import (
+from artplug.engine import build
+from artplug.errors import RecipeError
+from artplug.recipe import resolve
+from artplug.selection import (
     BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,
     GOOD_CHECKPOINT_NAME,
     CheckpointPolicy,
-    build,
-    fit,
 )
-from artplug.errors import RecipeError
-from artplug.recipe import resolve
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 
 class RecordingTracker:
@@ -133,7 +133,7 @@ def test_best_checkpoint_is_kept_and_used(plugin_set, tmp_path, monkeypatch):
     scripted_validation(monkeypatch, pgd=[0.30, 0.50, 0.40])
     c = components(plugin_set, 3)
     tracker = RecordingTracker()
-    result = fit(c, tracker, run_dir=tmp_path / "r")
+    result = train_and_evaluate(c, tracker, run_dir=tmp_path / "r")
     best = ckpt.load(tmp_path / "r" / BEST_CHECKPOINT_NAME)
     last = ckpt.load(tmp_path / "r" / CHECKPOINT_NAME)
     assert best["epoch"] == 2 and last["epoch"] == 3
@@ -161,7 +161,7 @@ def test_select_last_still_keeps_the_best(plugin_set, tmp_path, monkeypatch):
     # select = "last" validates only the scheduled epochs before the last one.
     scripted_validation(monkeypatch, pgd=[0.50, 0.40])
     c = components(plugin_set, 3, select="last")
-    result = fit(c, run_dir=tmp_path / "r")
+    result = train_and_evaluate(c, run_dir=tmp_path / "r")
     assert_model_is(c, ckpt.load(tmp_path / "r" / CHECKPOINT_NAME))
     assert ckpt.load(tmp_path / "r" / BEST_CHECKPOINT_NAME)["epoch"] == 1
     assert result.used_checkpoint == CHECKPOINT_NAME and result.used_epoch == 3
@@ -171,7 +171,7 @@ def test_select_last_still_keeps_the_best(plugin_set, tmp_path, monkeypatch):
 def test_best_without_validation_falls_back_to_last(plugin_set, tmp_path, monkeypatch):
     scripted_validation(monkeypatch, pgd=[])
     c = components(plugin_set, 2, every_epochs=0)
-    result = fit(c, run_dir=tmp_path / "r")
+    result = train_and_evaluate(c, run_dir=tmp_path / "r")
     assert result.used_checkpoint == CHECKPOINT_NAME and result.used_epoch == 2
     assert not (tmp_path / "r" / BEST_CHECKPOINT_NAME).exists()
     data = report(tmp_path / "r")
@@ -182,7 +182,7 @@ def test_early_stopping_on_robust_overfitting(plugin_set, tmp_path, monkeypatch)
     scripted_validation(monkeypatch, pgd=[0.40, 0.50, 0.45, 0.48, 0.60, 0.70])
     c = components(plugin_set, 6, early_stop_patience=2)
     tracker = RecordingTracker()
-    result = fit(c, tracker, run_dir=tmp_path / "r")
+    result = train_and_evaluate(c, tracker, run_dir=tmp_path / "r")
     assert result.epochs_done == 4  # epochs 3 and 4 did not beat epoch 2
     assert result.used_checkpoint == BEST_CHECKPOINT_NAME and result.used_epoch == 2
     data = report(tmp_path / "r")
@@ -199,7 +199,7 @@ def test_catastrophic_overfitting_stop_wins_over_best(plugin_set, tmp_path, monk
         overfit=[(0.45, 0.35), (0.50, 0.40), (0.80, 0.05)],
     )
     c = components(plugin_set, 4, overfit_check="stop")
-    result = fit(c, run_dir=tmp_path / "r")
+    result = train_and_evaluate(c, run_dir=tmp_path / "r")
     good = ckpt.load(tmp_path / "r" / GOOD_CHECKPOINT_NAME)
     assert result.epochs_done == 3 and good["epoch"] == 2
     assert_model_is(c, good)
@@ -213,11 +213,13 @@ def test_resume_keeps_the_best_so_far(plugin_set, tmp_path, monkeypatch):
     scripted_validation(monkeypatch, pgd=[0.60, 0.50, 0.55])
     c = components(plugin_set, 3)
     steps = len(c.train_loader)
-    fit(c, run_dir=tmp_path / "r", max_steps=steps)  # stops after epoch 1 (validated: last)
+    train_and_evaluate(
+        c, run_dir=tmp_path / "r", max_steps=steps
+    )  # stops after epoch 1 (validated: last)
     payload = ckpt.load(tmp_path / "r" / CHECKPOINT_NAME)
     assert payload["selection"]["best_epoch"] == 1
     resumed = components(plugin_set, 3)
-    result = fit(resumed, run_dir=tmp_path / "r", resume_from=payload)
+    result = train_and_evaluate(resumed, run_dir=tmp_path / "r", resume_from=payload)
     assert result.used_checkpoint == BEST_CHECKPOINT_NAME and result.used_epoch == 1
     assert ckpt.load(tmp_path / "r" / BEST_CHECKPOINT_NAME)["epoch"] == 1
 

@@ -21,10 +21,11 @@ import torch
 
 from artplug import checkpoint as ckpt
 from artplug.cli import main
-from artplug.engine import CHECKPOINT_NAME, build, fit, restore
+from artplug.engine import CHECKPOINT_NAME, build, restore
 from artplug.errors import CheckpointError
 from artplug.recipe import resolve
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 FIX = "pass a checkpoint-*.pt file written by artplug"
 
@@ -91,7 +92,7 @@ def trained(plugin_set, tmp_path_factory) -> Path:
         digits_recipe(run={"name": "safe", "epochs": 2, "log_every": 100}), plugin_set.registries
     )
     # 19 steps: one epoch of digits at batch 64, then the run stops after its checkpoint.
-    fit(build(recipe), run_dir=root / "run", max_steps=19)
+    train_and_evaluate(build(recipe), run_dir=root / "run", max_steps=19)
     return root / "run"
 
 
@@ -235,16 +236,16 @@ def test_resume_after_a_stop_is_bit_identical(plugin_set, tmp_path):
     raw = digits_recipe(run={"name": "bits", "epochs": 2, "log_every": 100})
     recipe = resolve(raw, plugin_set.registries)
     straight = build(recipe)
-    fit(straight, run_dir=tmp_path / "a")
+    train_and_evaluate(straight, run_dir=tmp_path / "a")
 
-    fit(build(recipe), run_dir=tmp_path / "b", max_steps=19)
+    train_and_evaluate(build(recipe), run_dir=tmp_path / "b", max_steps=19)
     # A fresh process would start from other generator states: scramble them all.
     random.seed(12345)
     np.random.seed(12345)
     torch.manual_seed(12345)
     payload = ckpt.load(tmp_path / "b" / CHECKPOINT_NAME, purpose="resume")
     resumed = build(recipe)
-    fit(resumed, run_dir=tmp_path / "b", resume_from=payload)
+    train_and_evaluate(resumed, run_dir=tmp_path / "b", resume_from=payload)
 
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()

@@ -161,3 +161,24 @@ def test_resume_continues_the_same_run_folder_and_mlflow_run(
 def test_resume_errors_are_one_line(tmp_path, capsys):
     code, _, err = run_main(["resume", str(tmp_path / "nothing.pt")], capsys)
     assert code == 2 and err.strip().startswith("Error: ") and "checkpoint not found" in err
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_technique_that_rejects_the_model_is_a_one_line_error(command, tmp_path, capsys):
+    """A transform that rejects the model at build time (latent-sites naming a module the model
+    does not have) is a user error: one Error line naming its place, exit 2, no training.
+    validate finds it too, since it builds the model (on the CPU, without data)."""
+    recipe = write_recipe(
+        tmp_path / "sites.toml",
+        run={"out_dir": str(tmp_path / "runs")},
+        perturbation={"use": "slat"},
+        transform=[{"use": "latent-sites", "sites": ["layer9"]}],
+    )
+    args = [command, str(recipe)] + (["--no-track", "-q"] if command == "run" else [])
+    code, out, err = run_main(args, capsys)
+    lines = [line for line in err.splitlines() if not line.startswith("Warning:")]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert "transform[0] (latent-sites)" in lines[0] and "'layer9'" in lines[0], lines[0]
+    assert "Traceback" not in err and not out
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -27,19 +27,14 @@ from torch import nn
 import artplug
 from artplug import checkpoint as ckpt
 from artplug import phase
-from artplug.engine import (
-    CHECKPOINT_NAME,
-    CostLedger,
-    PassCounter,
-    build,
-    fit,
-    peak_memory_mb,
-    train_step,
-)
+from artplug.costs import CostLedger, PassCounter, peak_memory_mb
+from artplug.engine import build, train_step
 from artplug.kinds import Progress
 from artplug.plugins import load_plugins
 from artplug.recipe import resolve
+from artplug.selection import CHECKPOINT_NAME
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 BATCH = 64  # digits_recipe's batch size
 
@@ -249,10 +244,10 @@ def test_fit_logs_cost_per_epoch_and_totals_and_resume_keeps_them(plugin_set, tm
     examples = steps * 256  # drop_last: full batches only
     run_dir = tmp_path / "run"
     # Stop after the first epoch, then resume: the totals must cover both epochs.
-    fit(c, run_dir=run_dir, max_steps=steps)
+    train_and_evaluate(c, run_dir=run_dir, max_steps=steps)
     payload = ckpt.load(run_dir / CHECKPOINT_NAME)
     assert [e["epoch"] for e in payload["cost"]] == [1.0]
-    result = fit(build(recipe), run_dir=run_dir, resume_from=payload)
+    result = train_and_evaluate(build(recipe), run_dir=run_dir, resume_from=payload)
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "epoch" in r]
@@ -288,7 +283,7 @@ def test_cuda_peak_memory_and_counts_under_amp(plugin_set, tmp_path):
     recipe = resolve(cost_recipe(device="cuda", epochs=1), plugin_set.registries)
     c = build(recipe)
     assert c.amp_dtype == torch.bfloat16 and c.channels_last
-    result = fit(c, run_dir=tmp_path / "gpu")
+    result = train_and_evaluate(c, run_dir=tmp_path / "gpu")
     (epoch,) = result.cost["epochs"]
     assert epoch["forward_per_example"] == 3.0 and epoch["backward_per_example"] == 3.0
     # The small CNN and a 256-image batch need a few MiB, far below the device's memory.

@@ -13,11 +13,12 @@ from pydantic import BaseModel, ConfigDict
 import artplug
 from artplug import checkpoint as ckpt
 from artplug.cli import main
-from artplug.engine import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, build, fit, model_is_finite
+from artplug.engine import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, build, model_is_finite
 from artplug.errors import DivergenceError, RecipeError
 from artplug.plugins import load_plugins
 from artplug.recipe import dumps_toml, resolve
 from artplug.testing import digits_recipe, tiny_model
+from artplug.workflows import train_and_evaluate
 
 # Digits at batch 64: 19 optimizer steps per epoch.
 STEPS_PER_EPOCH = 19
@@ -123,7 +124,7 @@ def test_a_loss_term_turning_nan_stops_naming_step_term_and_last_good_checkpoint
     recipe = nan_recipe(nan_registries, after=STEPS_PER_EPOCH + 5)
     run_dir = tmp_path / "run"
     with pytest.raises(DivergenceError) as caught:
-        fit(build(recipe), run_dir=run_dir)
+        train_and_evaluate(build(recipe), run_dir=run_dir)
     error = caught.value
     # The window of step 25 (log_every = 1) is the first with the NaN loss.
     assert error.step == STEPS_PER_EPOCH + 6 and error.terms == ["ce"]
@@ -141,7 +142,7 @@ def test_a_loss_term_turning_nan_stops_naming_step_term_and_last_good_checkpoint
 def test_a_nan_before_the_first_checkpoint_names_no_checkpoint(nan_registries, tmp_path):
     recipe = nan_recipe(nan_registries, after=3, epochs=1, run={"log_every": 5})
     with pytest.raises(DivergenceError, match=r"window of steps 1-5") as caught:
-        fit(build(recipe), run_dir=tmp_path / "run")
+        train_and_evaluate(build(recipe), run_dir=tmp_path / "run")
     assert "diverged before the first checkpoint" in caught.value.one_line()
     assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
 
@@ -151,7 +152,7 @@ def test_rollback_recovers_from_a_transient_nan_with_half_the_lr(nan_registries,
         nan_registries, after=STEPS_PER_EPOCH + 5, once=True, run={"on_nonfinite": "rollback"}
     )
     c = build(recipe)
-    result = fit(c, run_dir=tmp_path / "run")
+    result = train_and_evaluate(c, run_dir=tmp_path / "run")
     assert result.epochs_done == 2 and result.training_complete
     assert result.lr_multiplier == 0.5
     assert result.rollbacks == [
@@ -185,7 +186,7 @@ def test_rollback_gives_up_after_max_rollbacks(nan_registries, tmp_path):
         run={"on_nonfinite": "rollback", "max_rollbacks": 2},
     )
     with pytest.raises(DivergenceError) as caught:
-        fit(build(recipe), run_dir=tmp_path / "run")
+        train_and_evaluate(build(recipe), run_dir=tmp_path / "run")
     message = caught.value.one_line()
     assert "gave up after 2 rollbacks (learning rate x0.25)" in message
     assert "raise run.max_rollbacks" in message

@@ -15,7 +15,6 @@ from artplug.engine import (
     _Meter,
     apply_knobs,
     build,
-    fit,
     restore,
     select_device,
     train_step,
@@ -25,6 +24,7 @@ from artplug.kinds import Progress
 from artplug.plugins import load_plugins
 from artplug.recipe import resolve
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 CALLS: list[tuple] = []
 
@@ -185,7 +185,7 @@ def test_fit_writes_checkpoint_every_epoch_and_resume_restores(plugin_set, tmp_p
         digits_recipe(run={"name": "t", "epochs": 2, "log_every": 5}), plugin_set.registries
     )
     c = build(recipe)
-    result = fit(c, run_dir=tmp_path / "run")
+    result = train_and_evaluate(c, run_dir=tmp_path / "run")
     assert result.epochs_done == 2 and len(result.history) == 2
     assert "val/clean_acc" in result.history[0]  # validated after epoch 1 (not the last)
     payload = ckpt.load(tmp_path / "run" / CHECKPOINT_NAME)
@@ -251,7 +251,7 @@ def test_channels_last_switch_runs_on_cpu(plugin_set, tmp_path):
     )
     c = build(recipe)
     assert c.channels_last
-    result = fit(c, run_dir=tmp_path / "cl", max_steps=2)
+    result = train_and_evaluate(c, run_dir=tmp_path / "cl", max_steps=2)
     assert set(result.final) == {"clean"}
 
 
@@ -265,7 +265,7 @@ def test_cuda_step_with_amp_and_channels_last(plugin_set, tmp_path):
     c = build(recipe)
     assert c.amp_dtype == torch.bfloat16 and c.channels_last
     assert c.train_loader is not None and next(c.model.parameters()).is_cuda
-    result = fit(c, run_dir=tmp_path / "gpu", max_steps=3)
+    result = train_and_evaluate(c, run_dir=tmp_path / "gpu", max_steps=3)
     assert 0.0 <= result.final["clean"] <= 1.0
 
 
@@ -299,7 +299,7 @@ def test_catastrophic_overfitting_is_detected(plugin_set, tmp_path, monkeypatch,
         "sanity": False,
     }
     c = build(resolve(raw, plugin_set.registries))
-    result = fit(c, run_dir=tmp_path / "co")
+    result = train_and_evaluate(c, run_dir=tmp_path / "co")
     report = json.loads((tmp_path / "co" / "eval.json").read_text())
     assert report["catastrophic_overfitting"].startswith("catastrophic overfitting at epoch 3")
     good = ckpt.load(tmp_path / "co" / "checkpoint-good.pt")
@@ -324,7 +324,7 @@ def test_overfit_check_stays_quiet_on_a_healthy_run(plugin_set, tmp_path, monkey
         "overfit_check": "stop",
         "sanity": False,
     }
-    result = fit(build(resolve(raw, plugin_set.registries)), run_dir=tmp_path / "ok")
+    result = train_and_evaluate(build(resolve(raw, plugin_set.registries)), run_dir=tmp_path / "ok")
     assert result.epochs_done == 3
 
 

@@ -145,7 +145,7 @@ def test_final_evaluation_uses_the_first_n_test_examples_at_eval_eps(plugin_set,
     assert fields["strongest"] == {"attack": "pgd-20", "accuracy": 0.5}
     assert fields["worst"] == {"accuracy": 0.5, "attacks": ["pgd-20"]}
     # The sanity gate and the eps curve see a prefix of the same examples.
-    x_gate, _ = engine._test_subset(c, 20)
+    x_gate, _ = engine.first_test_examples(c, 20)
     assert torch.equal(x_gate, x_test[:20])
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from artplug.cli import main
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.recipe import dumps_toml, load_recipe, resolve
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 TWINS = sorted((ROOT / "recipes" / "digits").glob("*.toml"))
@@ -78,7 +79,7 @@ def stack(base: str, he: bool) -> dict:
 @pytest.mark.parametrize("path", TWINS, ids=[p.stem for p in TWINS])
 def test_digits_twin_runs_two_steps(plugin_set, path, tmp_path):
     recipe = load_recipe(path, plugin_set.registries, FAST)
-    result = fit(build(recipe), run_dir=tmp_path / "run", max_steps=2)
+    result = train_and_evaluate(build(recipe), run_dir=tmp_path / "run", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0
 
 
@@ -97,7 +98,7 @@ def test_allowed_combination_resolves_and_trains(plugin_set, tmp_path, base, he)
     components = build(recipe)
     if he:
         assert components.model.artplug_logit_scale == recipe.transforms[0].params.s
-    result = fit(components, run_dir=tmp_path / "run", max_steps=2)
+    result = train_and_evaluate(components, run_dir=tmp_path / "run", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0
 
 

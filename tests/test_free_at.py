@@ -232,8 +232,10 @@ def test_replays_follow_params_including_the_engines_params_swap() -> None:
     assert FreeAT.replays == 8  # on the class: the default (registry and contract checks)
     technique = free(replays=3)
     assert technique.replays == 3
-    # The engine's knob update: model_copy without re-validation, so a float may arrive.
-    technique.params = technique.params.model_copy(update={"replays": 5.0})
+    # The engine's knob update: the float knob 5.0 is coerced and validated into the int 5.
+    from artplug.engine import _update_params
+
+    _update_params(technique, {"replays": 5.0})
     assert technique.replays == 5 and isinstance(technique.replays, int)
 
 

@@ -21,12 +21,13 @@ from torch import Tensor, nn
 
 import artplug
 import artplug.hookspecs
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.models import ImageClassifier, build_model
 from artplug.plugins import load_plugins
 from artplug.recipe import resolve
 from artplug.registry import Registry
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 NUM_CLASSES = 10
 
@@ -34,7 +35,7 @@ NUM_CLASSES = 10
 def small_cnn(seed: int = 0, dtype: torch.dtype = torch.float64) -> ImageClassifier:
     torch.manual_seed(seed)
     model = build_model(
-        "small-cnn", in_channels=1, num_classes=NUM_CLASSES, image_size=8, mean=(0.3,), std=(0.4,)
+        "small-cnn", in_channels=1, num_classes=NUM_CLASSES, mean=(0.3,), std=(0.4,)
     )
     return model.to(dtype).eval()
 
@@ -368,6 +369,7 @@ class IdentityTransform:
     """Leaves the model as it is (stands in for a transform that must precede the head)."""
 
     name = "identity-test"
+    stage = "features"
     Params = _NoParams
 
     def __init__(self, params: _NoParams) -> None:
@@ -413,8 +415,11 @@ def test_hypersphere_must_be_the_last_transform(with_identity) -> None:
     with pytest.raises(artplug.RecipeError) as info:
         resolve(he_recipe(["hypersphere", "identity-test"]), with_identity)
     (problem,) = info.value.problems
-    assert problem.startswith("transform[0] (hypersphere): hypersphere must be the last")
-    assert "'identity-test'" in problem
+    # The order comes from the stages: the error names both transforms and the stage order.
+    assert problem.startswith(
+        "transform[1] (identity-test): identity-test must come before 'hypersphere' (head)"
+    ), problem
+    assert "activation -> sites -> features -> head" in problem
     with pytest.raises(artplug.RecipeError, match="listed 2 times"):
         resolve(he_recipe(["hypersphere", "hypersphere"]), with_identity)
 
@@ -439,7 +444,7 @@ def test_pgd_at_he_recipe_trains_and_evaluates(plugin_set, run_tmp) -> None:
     c = build(resolve(raw, plugin_set.registries))
     assert isinstance(c.model.fc, CosineHead)
     assert artplug.logit_scale(c.model) == 10.0
-    result = fit(c, run_dir=run_tmp / "x", max_steps=2)
+    result = train_and_evaluate(c, run_dir=run_tmp / "x", max_steps=2)
     assert {"clean", "fgsm"} <= set(result.final)
     assert all(0.0 <= v <= 1.0 for v in result.final.values())
     with torch.no_grad():
@@ -459,7 +464,7 @@ def test_cuda_amp_channels_last_run(plugin_set, run_tmp) -> None:
     )
     c = build(resolve(raw, plugin_set.registries))
     assert c.amp_dtype == torch.bfloat16 and c.channels_last
-    result = fit(c, run_dir=run_tmp / "gpu", max_steps=3)
+    result = train_and_evaluate(c, run_dir=run_tmp / "gpu", max_steps=3)
     assert 0.0 <= result.final["clean"] <= 1.0
     assert head(c.model).weight.dtype == torch.float32 and head(c.model).weight.is_cuda
 

@@ -73,3 +73,29 @@ def test_help_and_validate_import_neither_art_nor_mlflow():
         [sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _core_imports(name: str) -> set[str]:
+    """Every artplug module ``artplug/<name>`` imports, ``from artplug import x`` as artplug.x."""
+    tree = ast.parse((ROOT / "artplug" / name).read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {n for n in found if n.startswith("artplug.")}
+
+
+def test_workflow_layer_boundaries():
+    """DESIGN §10: cli -> workflows -> engine / evaluate / tracking -> kinds / registry."""
+    for name in ("engine.py", "costs.py", "selection.py", "evaluate.py", "tracking.py"):
+        found = _core_imports(name)
+        assert "artplug.workflows" not in found, f"{name} imports the workflow layer"
+        assert "artplug.cli" not in found, f"{name} imports the CLI"
+    assert "artplug.cli" not in _core_imports("workflows.py")
+    # Cost accounting is below the loop: it knows nothing of selection or the engine.
+    assert not {"artplug.engine", "artplug.selection"} & _core_imports("costs.py")
+    # The CLI parses options; training and evaluation go through the workflow layer.
+    assert not {"artplug.engine", "artplug.costs", "artplug.selection"} & _core_imports("cli.py")

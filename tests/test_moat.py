@@ -27,12 +27,13 @@ from toy import ce_input_grad
 import artplug
 import artplug.hookspecs
 import artplug.testing
-from artplug.engine import build, fit, train_step
+from artplug.engine import build, train_step
 from artplug.errors import RecipeError
 from artplug.phase import running
 from artplug.recipe import resolve
 from artplug.registry import Registry
 from artplug.testing import check_perturbation, digits_recipe, tiny_batch, tiny_model
+from artplug.workflows import train_and_evaluate
 
 SHAPE = (2, 3, 3)
 
@@ -171,9 +172,13 @@ def test_stage_is_read_at_call_time_from_a_float_knob() -> None:
     x, y = batch()
     s = state(model, 0.1)
     technique = make()
-    technique.params = technique.params.model_copy(update={"stage": 0.0})
+    from artplug.engine import _update_params  # validated, as the engine does
+
+    _update_params(technique, {"stage": 0.0})
     assert torch.equal(technique.generate(model, x, y, s), x)
-    technique.params = technique.params.model_copy(update={"stage": 1.0})
+    from artplug.engine import _update_params  # validated, as the engine does
+
+    _update_params(technique, {"stage": 1.0})
     technique.generate(model, x, y, s)
     assert model.calls == 1  # single step: one forward
 
@@ -476,7 +481,7 @@ def test_resolved_recipe_with_sub_tables_round_trips(plugin_set) -> None:
     )
     recipe = resolve(raw, plugin_set.registries, overrides=["perturbation.spat.gamma=2.0"])
     params = recipe.perturbation.params
-    assert isinstance(params, MOAT.Params) and isinstance(params.slat, Slat.Params)
+    assert isinstance(params, MOAT.Params) and isinstance(params.slat, artplug.LatentStepParams)
     assert params.slat.alpha == 0.8 and params.spat is not None and params.spat.gamma == 2.0
     again = resolve(tomllib.loads(recipe.to_toml()), plugin_set.registries)
     assert again.perturbation.params == params
@@ -593,7 +598,7 @@ def test_two_engine_steps_with_moat_and_its_schedule(plugin_set, tmp_path) -> No
         schedule=[{"use": "moat-stages", "order": ["single", "multi", "clean"]}],
     )
     c = build(resolve(raw, plugin_set.registries))
-    result = fit(c, run_dir=tmp_path / "x", max_steps=2)
+    result = train_and_evaluate(c, run_dir=tmp_path / "x", max_steps=2)
     assert isinstance(c.perturbation, MOAT)
     assert c.perturbation.params.stage == 1  # the knob replaced the default stage 2
     lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()

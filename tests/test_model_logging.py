@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from artplug.display import Display
-from artplug.engine import build, fit, log_trained_model, start_tracking
+from artplug.engine import build, start_tracking
 from artplug.recipe import resolve
 from artplug.testing import digits_recipe
 from artplug.tracking import MlflowTracker, NullTracker
+from artplug.workflows import log_trained_model, train_and_evaluate
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking._tracking_service import utils as tracking_utils  # noqa: E402
@@ -45,7 +46,7 @@ def test_fit_logs_a_loadable_model_with_a_signature(plugin_set, store, tmp_path,
     c = build(resolve(tracked_recipe(), plugin_set.registries))
     tracker = tracker_for(store, tmp_path_factory)
     start_tracking(c, tracker, {})
-    fit(c, tracker, run_dir=tmp_path / "run", max_steps=2)
+    train_and_evaluate(c, tracker, run_dir=tmp_path / "run", max_steps=2)
     tracker.end()
     run_id = tracker.run_id
     uri = f"runs:/{run_id}/model"
@@ -88,7 +89,7 @@ def test_log_model_false_logs_no_model(plugin_set, store, tmp_path, tmp_path_fac
     c = build(resolve(tracked_recipe(log_model=False), plugin_set.registries))
     tracker = tracker_for(store, tmp_path_factory)
     start_tracking(c, tracker, {})
-    fit(c, tracker, run_dir=tmp_path / "run", max_steps=1)
+    train_and_evaluate(c, tracker, run_dir=tmp_path / "run", max_steps=1)
     tracker.end()
     run = mlflow.MlflowClient(store).get_run(tracker.run_id)
     assert not run.outputs.model_outputs

@@ -23,7 +23,7 @@ CIFAR_STD = (0.2471, 0.2435, 0.2616)
 CASES = [
     pytest.param(
         "small-cnn",
-        {"in_channels": 1, "num_classes": 10, "image_size": 8, "mean": (0.3,), "std": (0.4,)},
+        {"in_channels": 1, "num_classes": 10, "mean": (0.3,), "std": (0.4,)},
         (1, 8, 8),
         id="small-cnn-digits",
     ),
@@ -32,7 +32,6 @@ CASES = [
         {
             "in_channels": 3,
             "num_classes": 7,
-            "image_size": 32,
             "mean": CIFAR_MEAN,
             "std": CIFAR_STD,
         },
@@ -44,7 +43,6 @@ CASES = [
         {
             "in_channels": 3,
             "num_classes": 10,
-            "image_size": 32,
             "mean": CIFAR_MEAN,
             "std": CIFAR_STD,
         },
@@ -56,7 +54,6 @@ CASES = [
         {
             "in_channels": 3,
             "num_classes": 100,
-            "image_size": 32,
             "mean": CIFAR_MEAN,
             "std": CIFAR_STD,
             "depth": 10,
@@ -177,15 +174,12 @@ def test_channels_last(arch: str, kwargs: dict[str, Any], shape: tuple[int, int,
 
 
 def test_named_stages() -> None:
-    small = build_model(
-        "small-cnn", in_channels=1, num_classes=10, image_size=8, mean=(0.3,), std=(0.4,)
-    )
+    small = build_model("small-cnn", in_channels=1, num_classes=10, mean=(0.3,), std=(0.4,))
     assert {"layer1", "layer2", "layer3"} <= dict(small.named_children()).keys()
     resnet = build_model(
         "preact-resnet18",
         in_channels=3,
         num_classes=10,
-        image_size=32,
         mean=CIFAR_MEAN,
         std=CIFAR_STD,
     )
@@ -196,7 +190,6 @@ def test_named_stages() -> None:
         "wide-resnet",
         in_channels=3,
         num_classes=10,
-        image_size=32,
         mean=CIFAR_MEAN,
         std=CIFAR_STD,
         depth=16,
@@ -208,7 +201,7 @@ def test_named_stages() -> None:
 
 
 def test_wide_resnet_dropout_inside_blocks() -> None:
-    kwargs: dict[str, Any] = {"in_channels": 3, "num_classes": 10, "image_size": 32}
+    kwargs: dict[str, Any] = {"in_channels": 3, "num_classes": 10}
     kwargs["mean"] = CIFAR_MEAN
     with_dropout = build_model(
         "wide-resnet", **kwargs, std=CIFAR_STD, depth=10, width=1, dropout=0.3
@@ -226,7 +219,6 @@ def test_wide_resnet_rejects_bad_depth(depth: int) -> None:
             "wide-resnet",
             in_channels=3,
             num_classes=10,
-            image_size=32,
             mean=CIFAR_MEAN,
             std=CIFAR_STD,
             depth=depth,
@@ -236,16 +228,12 @@ def test_wide_resnet_rejects_bad_depth(depth: int) -> None:
 
 def test_unknown_arch_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="small-cnn, preact-resnet18, wide-resnet"):
-        build_model(
-            "resnet50", in_channels=3, num_classes=10, image_size=32, mean=CIFAR_MEAN, std=CIFAR_STD
-        )
+        build_model("resnet50", in_channels=3, num_classes=10, mean=CIFAR_MEAN, std=CIFAR_STD)
 
 
 def test_statistics_must_match_channels() -> None:
     with pytest.raises(ValueError, match="one per input channel"):
-        build_model(
-            "small-cnn", in_channels=3, num_classes=10, image_size=32, mean=(0.5,), std=(0.5,)
-        )
+        build_model("small-cnn", in_channels=3, num_classes=10, mean=(0.5,), std=(0.5,))
     with pytest.raises(ValueError, match="positive"):
         Normalize((0.5,), (0.0,))
 
@@ -256,9 +244,7 @@ def test_small_cnn_learns_digits_quickly() -> None:
 
     data = load_dataset("digits")
     torch.manual_seed(0)
-    model = build_model(
-        "small-cnn", in_channels=1, num_classes=10, image_size=8, mean=data.mean, std=data.std
-    )
+    model = build_model("small-cnn", in_channels=1, num_classes=10, mean=data.mean, std=data.std)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     loader = BatchLoader(*data.train, batch_size=64, shuffle=True)
     model.train()

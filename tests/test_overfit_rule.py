@@ -9,10 +9,12 @@ import torch
 
 from artplug import checkpoint as ckpt
 from artplug import sanity
-from artplug.engine import OverfitWatch, _subset, build, fit
+from artplug.engine import _subset, build
 from artplug.errors import ArtplugError
 from artplug.recipe import resolve
+from artplug.selection import OverfitWatch
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 
 def watch(plugin_set, rule, **evaluation):
@@ -188,7 +190,7 @@ def test_fit_stops_on_the_fast_at_rule(plugin_set, tmp_path, monkeypatch):
         "sanity": False,
     }
     c = build(resolve(raw, plugin_set.registries))
-    result = fit(c, run_dir=tmp_path / "run")
+    result = train_and_evaluate(c, run_dir=tmp_path / "run")
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert report["catastrophic_overfitting"].startswith(
         "catastrophic overfitting at epoch 3 (fast-at rule): PGD-5 accuracy"

@@ -243,9 +243,10 @@ def test_pgd_reads_params_at_call_time_like_the_engines_knobs() -> None:
     model = Recorder(linear_model())
     x, y = batch()
     attack = pgd(steps=10, random_start=False)
-    # The engine replaces params with model_copy(update=...), which does not re-validate:
-    # a schedule's value arrives as a float.
-    attack.params = attack.params.model_copy(update={"steps": 3.0})
+    # The engine swaps in a validated copy; a schedule's float 3.0 becomes the int 3.
+    from artplug.engine import _update_params
+
+    _update_params(attack, {"steps": 3.0})
     attack.generate(model, x, y, step_state(model, 0.05))
     assert len(model.inputs) == 3
 

@@ -7,9 +7,10 @@ from torch import nn
 
 import artplug
 from artplug import phase
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.recipe import resolve
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 
 def test_running_sets_and_restores_the_phase():
@@ -47,7 +48,7 @@ def test_train_step_marks_attack_clean_and_adv_forwards(plugin_set, tmp_path):
     components = build(resolve(raw, plugin_set.registries))
     recorder = PhaseRecorder()
     components.model.normalize = nn.Sequential(recorder, components.model.normalize)
-    fit(components, run_dir=tmp_path / "run", max_steps=1)
+    train_and_evaluate(components, run_dir=tmp_path / "run", max_steps=1)
     # Two PGD steps, then the clean and the adversarial forward of the update, then evaluation.
     assert recorder.seen[:4] == ["attack", "attack", "update-clean", "update-adv"]
     assert set(recorder.seen[4:]) == {"eval"}

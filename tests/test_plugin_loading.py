@@ -13,11 +13,12 @@ from pydantic import BaseModel, ConfigDict
 
 import artplug
 from artplug.cli import make_cli
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.errors import PluginError
 from artplug.plugins import load_plugins
 from artplug.recipe import resolve
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 BUILTIN_PLUGINS = {"pgd_at", "fgsm", "schedules"}
 
@@ -94,7 +95,7 @@ def test_third_party_plugin_is_discovered_and_used_from_a_recipe(third_party, tm
     assert recipe.losses[0].params.alpha == 0.5
     components = build(recipe)
     term = components.losses[0].term
-    fit(components, run_dir=tmp_path / "run", max_steps=2)
+    train_and_evaluate(components, run_dir=tmp_path / "run", max_steps=2)
     assert term.calls == 2  # the third-party term really drove the training steps
 
 

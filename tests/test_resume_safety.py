@@ -12,11 +12,12 @@ import pytest
 from artplug import checkpoint as ckpt
 from artplug import engine
 from artplug.cli import main
-from artplug.engine import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, build, fit, make_run_dir
+from artplug.engine import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, build, make_run_dir
 from artplug.errors import ArtplugError
 from artplug.recipe import dumps_toml, resolve
 from artplug.testing import digits_recipe
 from artplug.tracking import NullTracker
+from artplug.workflows import train_and_evaluate
 
 STEPS_PER_EPOCH = 19  # digits at batch 64
 
@@ -159,7 +160,7 @@ def test_resume_logs_each_step_once(plugin_set, tmp_path):
     )
     run_dir = tmp_path / "run"
     first = RecordingTracker()
-    fit(build(recipe), first, run_dir=run_dir, max_steps=STEPS_PER_EPOCH)
+    train_and_evaluate(build(recipe), first, run_dir=run_dir, max_steps=STEPS_PER_EPOCH)
     payload = ckpt.load(run_dir / CHECKPOINT_NAME, purpose="resume")
     # A process killed in epoch 2 had logged two windows after the checkpoint, and a line
     # cut in half by the kill.
@@ -169,7 +170,7 @@ def test_resume_logs_each_step_once(plugin_set, tmp_path):
         handle.write('{"step": 30, "train/lo')
     second = RecordingTracker()
     second.logged = [(20, "train/loss"), (20, "train/lr"), (25, "train/loss"), (25, "train/lr")]
-    fit(build(recipe), second, run_dir=run_dir, resume_from=payload)
+    train_and_evaluate(build(recipe), second, run_dir=run_dir, resume_from=payload)
     assert len(second.logged) == len(set(second.logged))
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     pairs = [(r["step"], k) for r in lines for k in r if k != "step"]

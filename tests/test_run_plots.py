@@ -13,11 +13,12 @@ from pydantic import BaseModel, ConfigDict
 
 import artplug
 from artplug import plots
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.plugins import load_plugins
 from artplug.recipe import resolve
 from artplug.testing import digits_recipe
 from artplug.tracking import NullTracker
+from artplug.workflows import train_and_evaluate
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -173,7 +174,7 @@ def test_fit_draws_and_logs_the_plots_with_the_knobs_of_every_logged_step(plugin
     per_epoch = len(c.train_loader)
     tracker = RecordingTracker()
     run_dir = tmp_path / "run"
-    fit(c, tracker, run_dir=run_dir)
+    train_and_evaluate(c, tracker, run_dir=run_dir)
     assert (run_dir / "plots", "plots") in tracker.artifacts
     assert png_size(run_dir / "plots" / plots.TRAINING_CURVES)[0] > 0
     assert png_size(run_dir / "plots" / plots.SCHEDULES)[0] > 0
@@ -233,7 +234,7 @@ def test_a_failed_run_still_leaves_its_plots(tmp_path):
     )
     tracker = RecordingTracker()
     with pytest.raises(RuntimeError, match="boom"):
-        fit(build(resolve(raw, registries)), tracker, run_dir=tmp_path / "run")
+        train_and_evaluate(build(resolve(raw, registries)), tracker, run_dir=tmp_path / "run")
     records = plots.read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1.0, 2.0]
     assert (tmp_path / "run" / "plots" / plots.TRAINING_CURVES).is_file()

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 
 from artplug.cli import main
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.recipe import dumps_toml, resolve
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 Table = dict[str, Any]
 
@@ -156,7 +157,7 @@ def test_allowed_stack_resolves_and_trains(plugin_set, tmp_path: Path, name: str
     raw, expected_stages = ALLOWED[name]
     resolved = resolve(raw, plugin_set.registries)
     assert [t.use for t in resolved.transforms] == [t["use"] for t in raw["transform"]]
-    result = fit(build(resolved), run_dir=tmp_path / "run", max_steps=2)
+    result = train_and_evaluate(build(resolved), run_dir=tmp_path / "run", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0
     if expected_stages is not None:
         lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -180,7 +181,7 @@ def _forbidden() -> list[tuple[str, dict[str, Any], str]]:
         (
             "smooth-activation-not-first",
             recipe({"use": "pgd", "steps": 2}, HE, [HEAD, SMOOTH]),
-            "smooth-activation must be the first [[transform]]",
+            "smooth-activation must come before 'hypersphere'",
         ),
         ("spat-train-mode", spat_train, 'spat needs [perturbation] model_mode = "eval"'),
         (
@@ -217,7 +218,7 @@ def _forbidden() -> list[tuple[str, dict[str, Any], str]]:
         (
             "guided-dropout-after-hypersphere",
             recipe({"use": "pgd", "steps": 2}, AALP, [HEAD, DROPOUT]),
-            "guided-dropout must come before hypersphere",
+            "guided-dropout must come before 'hypersphere'",
         ),
         (
             "latent-sites-after-guided-dropout",

@@ -22,11 +22,12 @@ from pydantic import BaseModel, ConfigDict
 
 import artplug
 from artplug import checkpoint as ckpt
-from artplug.engine import CHECKPOINT_NAME, build, fit
+from artplug.engine import CHECKPOINT_NAME, build
 from artplug.interrupt import RunInterrupted, StopRequest, stop_on_signals
 from artplug.plugins import load_plugins
 from artplug.recipe import dumps_toml, resolve
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 STEPS_PER_EPOCH = 19  # digits at batch 64
 TESTS = Path(__file__).resolve().parent
@@ -146,13 +147,13 @@ def test_no_handler_is_installed_outside_the_main_thread():
 @pytest.mark.parametrize("stop_step", [7, STEPS_PER_EPOCH - 1])
 def test_mid_epoch_checkpoint_resumes_bit_identical(slow_registries, tmp_path, stop_step):
     recipe = resolve(slow_raw(), slow_registries)
-    reference = fit(build(recipe), run_dir=tmp_path / "ref")
+    reference = train_and_evaluate(build(recipe), run_dir=tmp_path / "ref")
 
     stop = StopRequest()
     STOP_AT[:] = [(stop_step, stop)]
     try:
         with pytest.raises(RunInterrupted) as caught:
-            fit(build(recipe), run_dir=tmp_path / "run", stop=stop)
+            train_and_evaluate(build(recipe), run_dir=tmp_path / "run", stop=stop)
     finally:
         STOP_AT.clear()
     done = stop_step + 1  # the step during which the request came is finished
@@ -161,7 +162,7 @@ def test_mid_epoch_checkpoint_resumes_bit_identical(slow_registries, tmp_path, s
     assert payload["epoch"] == 0 and payload["step"] == done
     assert payload["partial_epoch"]["batch"] == done
 
-    resumed = fit(build(recipe), run_dir=tmp_path / "run", resume_from=payload)
+    resumed = train_and_evaluate(build(recipe), run_dir=tmp_path / "run", resume_from=payload)
     assert resumed.epochs_done == 2
     assert_same_weights(reference.checkpoint, resumed.checkpoint)
     assert resumed.final == reference.final
@@ -254,7 +255,9 @@ def test_sigterm_checkpoints_marks_killed_and_resume_is_bit_identical(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = fit(build(resolve(slow_raw(), slow_registries)), run_dir=tmp_path / "ref")
+        reference = train_and_evaluate(
+            build(resolve(slow_raw(), slow_registries)), run_dir=tmp_path / "ref"
+        )
     finally:
         torch.set_num_threads(threads)
     assert_same_weights(reference.checkpoint, checkpoint)

@@ -18,13 +18,14 @@ from torch import Tensor, nn
 
 import artplug
 import artplug.testing
-from artplug.engine import build, fit, train_step
+from artplug.engine import build, train_step
 from artplug.errors import RecipeError
 from artplug.kinds import Progress
 from artplug.models import build_model
 from artplug.phase import running
 from artplug.recipe import resolve
 from artplug.testing import check_model_transform, check_perturbation, digits_recipe
+from artplug.workflows import train_and_evaluate
 
 EPS = 0.1
 ETA = 8 / 255
@@ -306,16 +307,12 @@ def test_a_flat_output_needs_the_domain_constraint_off() -> None:
     ],
 )
 def test_default_sites_per_architecture(arch: str, kwargs: dict[str, int]) -> None:
-    model = build_model(
-        arch, in_channels=1, num_classes=10, image_size=8, mean=(0.5,), std=(0.5,), **kwargs
-    )
+    model = build_model(arch, in_channels=1, num_classes=10, mean=(0.5,), std=(0.5,), **kwargs)
     LatentSites(LatentSites.Params()).apply(model)
     names = tuple(site.name for site in latent_sites(model))
     assert names == DEFAULT_SITES[type(model).__name__]
     # Hooks only: the checkpoint format is unchanged.
-    fresh = build_model(
-        arch, in_channels=1, num_classes=10, image_size=8, mean=(0.5,), std=(0.5,), **kwargs
-    )
+    fresh = build_model(arch, in_channels=1, num_classes=10, mean=(0.5,), std=(0.5,), **kwargs)
     assert list(model.state_dict()) == list(fresh.state_dict())
 
 
@@ -404,25 +401,34 @@ def test_check_recipe_rejects(plugin_set: Any, changes: dict[str, Any], reason: 
     assert reason in str(info.value)
 
 
-def test_check_recipe_order_rule_names_guided_dropout() -> None:
+def test_transform_order_comes_from_stages_and_names_both_transforms() -> None:
+    # The order rule is data (each transform's stage), checked by the recipe validator; the
+    # plugins' own check_recipe no longer names other transforms.
+    from types import SimpleNamespace
+
+    from artplug_plugins.aalp import GuidedDropoutTransform
+    from artplug_plugins.hypersphere import Hypersphere
+
+    from artplug.recipe import _stage_order_problems
+
+    def spec(index: int, cls: Any) -> Any:
+        return SimpleNamespace(cls=cls, use=cls.name, location=f"transform[{index}]")
+
+    wrong = [spec(0, GuidedDropoutTransform), spec(1, LatentSites)]
+    (problem,) = _stage_order_problems(wrong)
+    assert "latent-sites must come before 'guided-dropout' (features)" in problem, problem
+    assert "activation -> sites -> features -> head" in problem, problem
+    fine = [spec(0, LatentSites), spec(1, GuidedDropoutTransform), spec(2, Hypersphere)]
+    assert _stage_order_problems(fine) == []
     view = artplug.RecipeView(
-        transforms=("guided-dropout", "latent-sites"),
-        perturbation="slat",
-        losses=("cross-entropy",),
-        schedules=(),
-        threat=artplug.Threat("linf", 0.1),
-    )
-    reasons = list(LatentSites.check_recipe(LatentSites.Params(), view))
-    assert any("before 'guided-dropout'" in r for r in reasons), reasons
-    fine = artplug.RecipeView(
         transforms=("latent-sites", "guided-dropout", "hypersphere"),
         perturbation="slat",
         losses=("cross-entropy",),
         schedules=(),
         threat=artplug.Threat("linf", 0.1),
     )
-    assert list(LatentSites.check_recipe(LatentSites.Params(), fine)) == []
-    assert list(Slat.check_recipe(Slat.Params(), fine)) == []
+    assert list(LatentSites.check_recipe(LatentSites.Params(), view)) == []
+    assert list(Slat.check_recipe(Slat.Params(), view)) == []
 
 
 def test_engine_step_perturbs_only_the_update_adv_forward(plugin_set: Any) -> None:
@@ -455,6 +461,6 @@ def test_two_step_training_run(plugin_set: Any, tmp_path: Any, he: bool) -> None
         raw["loss"] = [{"use": "he-margin"}]
     c = build(resolve(raw, plugin_set.registries))
     assert [s.name for s in latent_sites(c.model)] == ["layer1", "layer2"]
-    result = fit(c, run_dir=tmp_path / "run", max_steps=2)
+    result = train_and_evaluate(c, run_dir=tmp_path / "run", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0
     assert math.isfinite(result.history[-1]["epoch/train_loss"])

@@ -24,12 +24,13 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 import artplug
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.models import build_model
 from artplug.phase import PHASES, running
 from artplug.recipe import dumps_toml, load_recipe, resolve
 from artplug.registry import Registry
 from artplug.testing import check_model_transform, digits_recipe
+from artplug.workflows import train_and_evaluate
 
 # Hand-picked points: both signs, zero, and values near and away from the kink. Their images
 # stay below softplus's linear threshold (beta * x <= 20) for the betas used here.
@@ -216,7 +217,6 @@ def builtin(arch: str) -> nn.Module:
         arch,
         in_channels=3,
         num_classes=10,
-        image_size=32,
         mean=(0.5,) * 3,
         std=(0.25,) * 3,
         **extra,
@@ -584,7 +584,7 @@ def test_check_recipe_requires_smooth_activation_first(plugin_set) -> None:
             registries,
         )
     mine = [p for p in info.value.problems if p.startswith("transform[1] (smooth-activation)")]
-    assert len(mine) == 1 and "must be the first [[transform]]" in mine[0]
+    assert len(mine) == 1 and "smooth-activation must come before" in mine[0]
     assert "'hypersphere'" in mine[0]
     with pytest.raises(artplug.RecipeError, match="listed 2 times"):
         resolve(sat_recipe([{"use": "smooth-activation"}] * 2), registries)
@@ -652,7 +652,7 @@ def test_two_step_training_run(plugin_set, tmp_path, transforms, losses) -> None
     assert relu_modules(components.model) == []
     smoothrelus = [m for m in components.model.modules() if isinstance(m, SmoothReLU)]
     before = [m.b.item() for m in smoothrelus]
-    result = fit(components, run_dir=tmp_path / "run", max_steps=2)
+    result = train_and_evaluate(components, run_dir=tmp_path / "run", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0
     if smoothrelus:
         # b is a trained parameter: two SGD steps moved it.
@@ -700,5 +700,5 @@ def test_cuda_amp_channels_last_run(plugin_set, run_tmp) -> None:
         )
         c = build(resolve(raw, plugin_set.registries))
         assert c.amp_dtype == torch.bfloat16 and c.channels_last
-        result = fit(c, run_dir=run_tmp / str(sat["activation"]), max_steps=3)
+        result = train_and_evaluate(c, run_dir=run_tmp / str(sat["activation"]), max_steps=3)
         assert 0.0 <= result.final["clean"] <= 1.0

@@ -34,10 +34,11 @@ from torch import Tensor, nn
 
 import artplug
 import artplug.hookspecs
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.recipe import resolve
 from artplug.registry import Registry
 from artplug.testing import check_perturbation, digits_recipe, tiny_batch, tiny_model
+from artplug.workflows import train_and_evaluate
 
 # ---------------------------------------------------------------- the hand-made example
 
@@ -587,7 +588,9 @@ def test_default_step_sizes_and_params_read_at_call_time() -> None:
     x, y = hand_batch()
     eps = 0.1
     technique = attack(steps=10, random_start=False, mask_mode="hard", tau=0.0)
-    technique.params = technique.params.model_copy(update={"steps": 4.0})  # a knob's float
+    from artplug.engine import _update_params  # validated, as the engine does
+
+    _update_params(technique, {"steps": 4.0})  # a knob's float
     technique.generate(model, x, y, step_state(model, eps))
     assert len(model.inputs) == 4
     # ce: 2.5 * eps / steps (pgd's rule); the first step from x is not projected.
@@ -687,7 +690,7 @@ def test_two_step_training_run(plugin_set, run_tmp, perturbation, losses, transf
     recipe = resolve(spat_recipe(perturbation, losses, transforms), plugin_set.registries)
     components = build(recipe)
     before = [p.detach().clone() for p in components.model.parameters()]
-    result = fit(components, run_dir=run_tmp / "run", max_steps=2)
+    result = train_and_evaluate(components, run_dir=run_tmp / "run", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0
     after = list(components.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))

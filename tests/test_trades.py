@@ -25,11 +25,12 @@ from toy import head
 
 import artplug
 import artplug.hookspecs
-from artplug.engine import build, fit
+from artplug.engine import build
 from artplug.errors import RecipeError
 from artplug.recipe import EvalSection, resolve
 from artplug.registry import Registry
 from artplug.testing import digits_recipe
+from artplug.workflows import train_and_evaluate
 
 SHAPE = (2, 3, 3)  # C, H, W of the toy "images"
 DIM = math.prod(SHAPE)
@@ -261,7 +262,9 @@ def test_trades_kl_reads_params_at_call_time() -> None:
     model = Recorder(linear_model())
     x, y = batch()
     technique = attack(steps=10)
-    technique.params = technique.params.model_copy(update={"steps": 3.0})  # a knob's float
+    from artplug.engine import _update_params
+
+    _update_params(technique, {"steps": 3.0})  # a knob's float, validated into the int 3
     technique.generate(model, x, y, step_state(model, 0.05))
     assert len(model.inputs) == 1 + 3
 
@@ -445,7 +448,7 @@ def test_digits_trades_recipe_trains_two_steps(plugin_set, tmp_path: Path) -> No
         loss=[{"use": "trades", "beta": 6.0}],
     )
     c = build(resolve(without_sanity_gate(raw), plugin_set.registries))
-    result = fit(c, run_dir=tmp_path / "trades", max_steps=2)
+    result = train_and_evaluate(c, run_dir=tmp_path / "trades", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0
     assert (tmp_path / "trades" / "metrics.jsonl").is_file()
 
@@ -455,7 +458,7 @@ def test_digits_trades_he_recipe_trains_two_steps(plugin_set, tmp_path: Path) ->
         pytest.skip("he-margin (plugins/hypersphere.py) is not registered yet")
     raw = without_sanity_gate(he_trades_recipe(natural=False))
     c = build(resolve(raw, plugin_set.registries))
-    result = fit(c, run_dir=tmp_path / "trades-he", max_steps=2)
+    result = train_and_evaluate(c, run_dir=tmp_path / "trades-he", max_steps=2)
     assert 0.0 <= result.final["clean"] <= 1.0
 
 
