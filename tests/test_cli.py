@@ -9,28 +9,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from clitools import run_main, write_recipe
 
-from artplug.cli import main, make_cli
-from artplug.recipe import dumps_toml
-from artplug.testing import digits_recipe
+from artplug.cli import make_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.toml"
-
-
-def run_main(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def write_recipe(path: Path, **sections) -> Path:
-    path.write_text(dumps_toml(digits_recipe(**sections)))
-    return path
 
 
 def test_validate_prints_the_resolved_recipe(capsys):

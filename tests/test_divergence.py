@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from clitools import run_main
 from pydantic import BaseModel, ConfigDict
 
 import artplug
 from artplug import checkpoint as ckpt
-from artplug.cli import main
 from artplug.engine import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, build, model_is_finite
 from artplug.errors import DivergenceError, RecipeError
 from artplug.plugins import load_plugins
@@ -59,16 +59,6 @@ class NanPlugin:
 @pytest.fixture(scope="module")
 def nan_registries():
     return load_plugins(disabled=(), extra=[("nan", NanPlugin())], strict=True).registries
-
-
-def run_main(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def nan_recipe(registries, *, after, once=False, epochs=2, run=None):

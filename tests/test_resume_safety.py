@@ -8,33 +8,18 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from clitools import run_main, write_recipe
 
 from artplug import checkpoint as ckpt
 from artplug import engine
-from artplug.cli import main
 from artplug.engine import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, build, make_run_dir
 from artplug.errors import ArtplugError
-from artplug.recipe import dumps_toml, resolve
+from artplug.recipe import resolve
 from artplug.testing import digits_recipe
 from artplug.tracking import NullTracker
 from artplug.workflows import train_and_evaluate
 
 STEPS_PER_EPOCH = 19  # digits at batch 64
-
-
-def run_main(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def write_recipe(path: Path, **sections) -> Path:
-    path.write_text(dumps_toml(digits_recipe(**sections)))
-    return path
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

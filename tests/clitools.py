@@ -1,0 +1,29 @@
+"""Running the CLI in-process from tests: one helper shared by the CLI-level test files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from artplug.cli import main
+from artplug.recipe import dumps_toml
+from artplug.testing import digits_recipe
+
+
+def run_main(args: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``artplug ARGS`` through :func:`artplug.cli.main`: (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        code = exc.code or 0  # type: ignore[assignment]
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_recipe(path: Path, **sections) -> Path:
+    """Write :func:`artplug.testing.digits_recipe` with ``sections`` to ``path``."""
+    path.write_text(dumps_toml(digits_recipe(**sections)))
+    return path
