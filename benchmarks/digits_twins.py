@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from artplug import engine
+from artplug import engine, workflows
 from artplug.plugins import load_plugins
 from artplug.recipe import load_recipe
 
@@ -74,7 +74,7 @@ def main() -> None:
                 [f'run.out_dir="{out}"', 'tracking.backend="none"'],
             )
             started = time.perf_counter()
-            result = engine.fit(engine.build(recipe))
+            result = workflows.train_and_evaluate(engine.build(recipe))
             wall = time.perf_counter() - started
             acc = {k: 100 * v for k, v in result.final.items()}
             print(
