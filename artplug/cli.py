@@ -7,7 +7,8 @@ shows the traceback instead. Other exit codes: 3 when training diverged
 (:class:`~artplug.errors.DivergenceError`), 130 after SIGINT and 143 after SIGTERM (the run
 stops at a step boundary and prints its ``artplug resume`` command). ``--help``, ``validate``,
 ``list``, ``plugins`` and ``schema`` do not import ART or MLflow. ``compare``, ``sweep`` and
-``rerun`` work on the MLflow store through :mod:`artplug.lab`.
+``rerun`` come from the built-in plugin ``artplug_plugins.lab_commands`` (the
+``register_commands`` hook); the options commands share are in :mod:`artplug.cli_options`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,23 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import click
 
+from artplug.cli_options import load as _load
+from artplug.cli_options import max_steps_option as _max_steps_option
+from artplug.cli_options import parse_tags as _parse_tags
+from artplug.cli_options import plugin_set as _plugin_set
+from artplug.cli_options import quiet_option as _quiet_option
+from artplug.cli_options import run_tracking_options as _run_tracking_options
+from artplug.cli_options import set_option as _set_option
+from artplug.cli_options import threads_option as _threads_option
+from artplug.cli_options import with_threads as _with_threads
 from artplug.errors import ArtplugError, PluginError
 from artplug.kinds import KINDS, Kind
-from artplug.lab import FORMATS, Format
 from artplug.plugins import PluginSet, load_plugins, report_warnings
 
 KIND_TITLES = {
@@ -48,20 +57,6 @@ class ArtplugGroup(click.Group):
         super().add_command(cmd, name)
 
 
-def _set_option() -> Any:
-    return click.option(
-        "--set",
-        "overrides",
-        multiple=True,
-        metavar="KEY=VALUE",
-        help="Override a recipe value (TOML syntax), e.g. --set optim.lr=0.05 --set loss.0.beta=3.",
-    )
-
-
-def _quiet_option() -> Any:
-    return click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-
-
 def _unsafe_pickle_option() -> Any:
     # Named for the risk on purpose: a format-1 checkpoint can only be read by unpickling
     # arbitrary objects, which runs whatever code the file holds.
@@ -73,24 +68,10 @@ def _unsafe_pickle_option() -> Any:
     )
 
 
-def _max_steps_option(help_text: str = "Stop after N steps (smoke test).") -> Any:
-    return click.option("--max-steps", type=click.IntRange(min=1), default=None, help=help_text)
-
-
-def _threads_option() -> Any:
-    return click.option(
-        "--threads",
-        type=click.IntRange(min=1),
-        default=None,
-        metavar="N",
-        help="CPU threads torch may use (as --set run.threads=N); on a shared machine "
-        "--threads 1 is often much faster than torch's default of one per core.",
-    )
-
-
-def _with_threads(overrides: Sequence[str], threads: int | None) -> list[str]:
-    """``overrides`` plus ``run.threads=N`` for ``--threads N`` (last, so that it wins)."""
-    return [*overrides, *([f"run.threads={threads}"] if threads is not None else [])]
+def _rank_zero() -> bool:
+    """Whether this process prints more than errors: not one of a distributed run's other
+    ranks (torchrun's ``RANK``; read here without importing torch.distributed)."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _busy_hint(threads: int) -> None:
@@ -103,6 +84,8 @@ def _busy_hint(threads: int) -> None:
     """
     if os.environ.get("ARTPLUG_NO_BUSY_HINT", "") not in ("", "0"):
         return
+    if not _rank_zero():
+        return  # a distributed run's other ranks print only errors (rank 0 gives the hint)
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):  # no load average on this platform
@@ -123,18 +106,54 @@ def _busy_hint(threads: int) -> None:
     )
 
 
-def _plugin_set(ctx: click.Context) -> PluginSet:
-    plugin_set: PluginSet = ctx.find_root().obj
-    return plugin_set
-
-
-def _load(plugin_set: PluginSet, recipe: str, overrides: Sequence[str]) -> Any:
-    """The recipe file ``recipe`` with ``overrides``, resolved against the installed plugins."""
-    from artplug.recipe import load_recipe
-
-    return load_recipe(
-        recipe, plugin_set.registries, overrides, failure_hint=plugin_set.failure_hint()
+def _nproc_option() -> Any:
+    return click.option(
+        "--nproc",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Run in N processes on this machine, started by torchrun (data-parallel; the "
+        "recipe's batch_size is the global batch); see docs/distributed.md.",
     )
+
+
+def _command_line(ctx: click.Context, skip: str) -> list[str]:
+    """The arguments that run the command of ``ctx`` again as parsed, without option ``skip``."""
+    options: list[str] = []
+    arguments: list[str] = []
+    for param in ctx.command.params:
+        if param.name == skip or param.name not in ctx.params:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            arguments.append(str(value))
+        elif isinstance(param, click.Option) and value is not None:
+            flag = max(param.opts, key=len)
+            if param.is_flag:
+                options += [flag] if value else []
+            elif param.multiple:
+                for item in value:
+                    options += [flag, str(item)]
+            else:
+                options += [flag, str(value)]
+    # "--" so that an argument starting with "-" is not read as an option.
+    return [str(ctx.info_name), *options, "--", *arguments]
+
+
+def _relaunch(ctx: click.Context, nproc: int) -> None:
+    """Run the command of ``ctx`` in ``nproc`` processes started by torchrun; exit with their
+    status (``--nproc`` is the shorthand of ``torchrun --standalone --nproc-per-node``)."""
+    from artplug import distributed
+
+    if distributed.launched():
+        raise ArtplugError(
+            "--nproc starts torchrun itself; under torchrun leave it out (the processes are "
+            "already started)"
+        )
+    args = _command_line(ctx, skip="nproc")
+    if ctx.find_root().params.get("traceback"):
+        args.insert(0, "--traceback")
+    sys.exit(distributed.launch(nproc, args))
 
 
 def make_cli(plugin_set: PluginSet) -> click.Group:
@@ -160,6 +179,8 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
     @_quiet_option()
     @_max_steps_option()
     @_threads_option()
+    @_run_tracking_options()
+    @_nproc_option()
     @click.pass_context
     def run(
         ctx: click.Context,
@@ -169,10 +190,23 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         quiet: bool,
         max_steps: int | None,
         threads: int | None,
+        tracking_uri: str | None,
+        parent_run: str | None,
+        tags: tuple[str, ...],
+        nproc: int | None,
     ) -> None:
-        """Train RECIPE adversarially, evaluate it with ART and log the run to MLflow."""
+        """Train RECIPE adversarially, evaluate it with ART and log the run to MLflow.
+
+        With --nproc N (or under torchrun) the run is data-parallel over N processes.
+        """
         plugin_set = _plugin_set(ctx)
+        run_tags = _parse_tags(tags)
         resolved = _load(plugin_set, recipe, _with_threads(overrides, threads))
+        if nproc is not None and nproc > 1:
+            from artplug.distributed import check_global_batch
+
+            check_global_batch(resolved.data.batch_size, nproc)  # before starting anything
+            _relaunch(ctx, nproc)
         _busy_hint(resolved.run.threads)
         from artplug.workflows import run_recipe
 
@@ -183,6 +217,12 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
             quiet=quiet,
             max_steps=max_steps,
             echo=click.echo,
+            tracking_uri=tracking_uri,
+            parent_run_id=parent_run,
+            tags=run_tags,
+            # A nested run (a sweep child) that fails before tracking starts still gets its
+            # FAILED run, so that the sweep shows every combination it tried.
+            record_failure=parent_run is not None,
         )
 
     @cli.command()
@@ -199,6 +239,7 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         "older checkpoint.",
     )
     @_threads_option()
+    @_nproc_option()
     @click.pass_context
     def resume(
         ctx: click.Context,
@@ -209,6 +250,7 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         allow_unsafe_pickle: bool,
         fork: bool,
         threads: int | None,
+        nproc: int | None,
     ) -> None:
         """Continue an interrupted run from CHECKPOINT (a checkpoint file or its run folder).
 
@@ -218,8 +260,9 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         older checkpoint (checkpoint-best.pt, a stale copy) is refused: --fork starts a new
         run folder and MLflow run from it instead (e.g. --fork --set run.epochs=100 to train a
         finished run longer). The recipe comes from the checkpoint; --set can change it.
+        A distributed run continues with as many processes as it had (--nproc N).
         """
-        from artplug.workflows import load_resumable, resolve_saved, run_recipe
+        from artplug.workflows import check_world_size, load_resumable, resolve_saved, run_recipe
 
         path, payload = load_resumable(
             checkpoint, fork=fork, allow_unsafe_pickle=allow_unsafe_pickle
@@ -232,6 +275,13 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
             _with_threads(overrides, threads),
             check_out_dir=fork,  # a fork starts a new run folder in run.out_dir
         )
+        if nproc is not None and nproc > 1:
+            from artplug.distributed import check_global_batch
+
+            if not fork:
+                check_world_size(path, payload, world_size=nproc)
+            check_global_batch(resolved.data.batch_size, nproc)
+            _relaunch(ctx, nproc)
         _busy_hint(resolved.run.threads)
         run_recipe(
             plugin_set,
@@ -293,6 +343,7 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
     @_quiet_option()
     @_unsafe_pickle_option()
     @_threads_option()
+    @_nproc_option()
     @click.pass_context
     def eval_(
         ctx: click.Context,
@@ -309,14 +360,18 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         quiet: bool,
         allow_unsafe_pickle: bool,
         threads: int | None,
+        nproc: int | None,
     ) -> None:
         """Evaluate a trained model: a checkpoint file, a run folder or an MLflow run id.
 
         The model is rebuilt from the recipe stored in the checkpoint (a run folder gives its
         checkpoint-best.pt, else checkpoint-last.pt), attacked on the test split and scored
         per attack and in the worst case over the attacks. Results are printed, written to
-        eval.json and logged to the checkpoint's MLflow run (unless --no-track).
+        eval.json and logged to the checkpoint's MLflow run (unless --no-track). With --nproc
+        N (or under torchrun) the examples are split over N processes.
         """
+        if nproc is not None and nproc > 1:
+            _relaunch(ctx, nproc)
         from artplug.workflows import EvalOptions, evaluate_target
 
         options = EvalOptions(
@@ -351,11 +406,25 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         click.echo(resolved.to_toml(), nl=False)
 
     @cli.command(name="list")
-    @click.argument("kind", required=False, type=click.Choice(list(KINDS)))
+    @click.argument("kind", required=False, metavar="[KIND|NAME]")
     @click.pass_context
     def list_(ctx: click.Context, kind: str | None) -> None:
-        """List installed techniques (optionally only one KIND)."""
+        """List installed techniques (optionally only one KIND), or explain technique NAME.
+
+        KIND is perturbation, loss, transform or schedule. For a technique NAME it prints the
+        description, the paper, every parameter (type, default, meaning), the rules the
+        validator applies to combinations and an example recipe that validates; the same text
+        as docs/techniques/reference.md.
+        """
         plugin_set = _plugin_set(ctx)
+        if kind is not None and kind not in KINDS:
+            from artplug.docgen import describe, find, render_text
+
+            # A name may be taken in more than one kind: explain each.
+            for index, entry in enumerate(find(plugin_set.registries, kind)):
+                text = render_text(describe(entry, plugin_set.registries))
+                click.echo(("\n" if index else "") + text, nl=False)
+            return
         for index, k in enumerate([kind] if kind else list(KINDS)):
             registry = plugin_set.registries.of(k)  # type: ignore[arg-type]
             if index:
@@ -430,121 +499,6 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         from artplug.recipe import json_schema
 
         click.echo(json.dumps(json_schema(_plugin_set(ctx).registries), indent=2))
-
-    @cli.command()
-    @click.argument("experiment", required=False, metavar="[EXPERIMENT_OR_SWEEP_ID]")
-    @click.option(
-        "--run",
-        "run_ids",
-        multiple=True,
-        metavar="ID",
-        help="Also show this MLflow run (repeat for several; alone, only these runs).",
-    )
-    @click.option(
-        "--parent",
-        metavar="ID",
-        default=None,
-        help="Show the runs of this sweep (its parent run id), with the grid as columns.",
-    )
-    @click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(FORMATS),
-        default="table",
-        show_default=True,
-        help="Output format; csv writes fractions and seconds at full precision.",
-    )
-    @click.option(
-        "--chart",
-        type=click.Path(dir_okay=False),
-        default=None,
-        help="Where to write the PNG of robust against clean accuracy "
-        "(default: compare-<experiment>.png in the current folder).",
-    )
-    @click.option("--no-chart", is_flag=True, help="Do not write the chart.")
-    @click.option(
-        "--tracking-uri",
-        default=None,
-        metavar="URI",
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's default).",
-    )
-    def compare(
-        experiment: str | None,
-        run_ids: tuple[str, ...],
-        parent: str | None,
-        fmt: Format,
-        chart: str | None,
-        no_chart: bool,
-        tracking_uri: str | None,
-    ) -> None:
-        """Compare tracked runs: one row per run, best robust accuracy first, and a chart.
-
-        EXPERIMENT is an MLflow experiment name (default: the one a plain `artplug run` uses,
-        'artplug'), or a sweep's parent run id to show its grid. Everything is read from the
-        tracking store (params, test/* metrics, time and cost metrics); nothing is re-evaluated.
-        """
-        _compare(experiment, list(run_ids), parent, fmt, chart, no_chart, tracking_uri)
-
-    @cli.command()
-    @click.argument("recipe", type=click.Path(dir_okay=False))
-    @click.option(
-        "--grid",
-        "grid_specs",
-        multiple=True,
-        metavar="KEY=V1,V2,...",
-        help="A recipe key and its values (TOML syntax, as --set); repeat for more keys. Commas "
-        'inside [..], {..} or quotes belong to the value: --grid \'eval.attacks=["clean"],'
-        '["clean","fgsm"]\'.',
-    )
-    @_set_option()
-    @_quiet_option()
-    @_max_steps_option("Stop every run after N steps (smoke test).")
-    @click.pass_context
-    def sweep(
-        ctx: click.Context,
-        recipe: str,
-        grid_specs: tuple[str, ...],
-        overrides: tuple[str, ...],
-        quiet: bool,
-        max_steps: int | None,
-    ) -> None:
-        """Run RECIPE once per combination of the --grid values, as nested MLflow runs.
-
-        A parent run holds one child run per combination (each a full `artplug run` with the
-        grid values applied like --set). Every combination is validated before any training.
-        Runs go one after the other; a failing run is recorded as FAILED and the sweep goes on;
-        Ctrl-C ends the parent run as KILLED and keeps what is done. The grid is compared at
-        the end (again any time with `artplug compare PARENT_RUN_ID`).
-        """
-        _sweep(ctx, recipe, list(grid_specs), list(overrides), quiet=quiet, max_steps=max_steps)
-
-    @cli.command()
-    @click.argument("run_id")
-    @_set_option()
-    @click.option(
-        "--tracking-uri",
-        default=None,
-        metavar="URI",
-        help="MLflow tracking URI of RUN_ID and of the new run (default: MLFLOW_TRACKING_URI, "
-        "else MLflow's; the new run follows the recipe's [tracking] uri when it names one).",
-    )
-    @_quiet_option()
-    @_max_steps_option()
-    @click.pass_context
-    def rerun(
-        ctx: click.Context,
-        run_id: str,
-        overrides: tuple[str, ...],
-        tracking_uri: str | None,
-        quiet: bool,
-        max_steps: int | None,
-    ) -> None:
-        """Run again from the resolved recipe logged with MLflow run RUN_ID, as a new run.
-
-        --set changes the recipe (e.g. run.seed=1 for another seed). The new run is tagged
-        artplug.rerun_of = RUN_ID and its description names the original and the changes.
-        """
-        _rerun(ctx, run_id, list(overrides), tracking_uri, quiet=quiet, max_steps=max_steps)
 
     @cli.command()
     @click.argument("run_dir", type=click.Path(file_okay=False), metavar="RUN_DIR")
@@ -624,249 +578,6 @@ def _parse_curve(text: str | None) -> list[float]:
     return values
 
 
-# ------------------------------------------------------------------------------------------
-# artplug compare / sweep / rerun (the logic is in artplug.lab)
-
-
-def _compare(
-    experiment: str | None,
-    run_ids: list[str],
-    parent: str | None,
-    fmt: Format,
-    chart: str | None,
-    no_chart: bool,
-    tracking_uri: str | None,
-) -> None:
-    """The body of ``artplug compare``."""
-    from artplug import lab
-
-    client, uri = lab.open_store(tracking_uri)
-    comparison = lab.collect(client, uri, experiment=experiment, run_ids=run_ids, parent=parent)
-    # CSV goes to stdout alone, so that it can be piped; the notes then go to stderr.
-    notes_to_stderr = fmt == "csv"
-    for line in lab.describe(comparison):
-        click.echo(line, err=notes_to_stderr)
-    click.echo(lab.render(comparison, fmt))
-    if no_chart:
-        return
-    path = lab.plot_chart(comparison, chart or f"compare-{comparison.slug}.png")
-    if path is None:
-        click.echo("no chart: no run has both a clean and a robust accuracy", err=notes_to_stderr)
-    else:
-        click.echo(f"chart: {path}", err=notes_to_stderr)
-
-
-def _resolve_sweep(
-    plugin_set: PluginSet, recipe: str, grid: Mapping[str, list[str]], overrides: Sequence[str]
-) -> list[tuple[dict[str, str], Any]]:
-    """Every combination with its resolved recipe; all problems of all combinations at once."""
-    from artplug import lab
-    from artplug.errors import RecipeError
-
-    combos = lab.combinations(grid)
-    resolved: list[tuple[dict[str, str], Any]] = []
-    failures: list[tuple[str, list[str]]] = []
-    for values in combos:
-        label = lab.combination_label(values)
-        try:
-            recipe_of = _load(plugin_set, recipe, [*overrides, *lab.combination_overrides(values)])
-        except RecipeError as exc:
-            failures.append((label, exc.problems))
-            continue
-        resolved.append((values, recipe_of))
-    if failures:
-        # A problem every combination has (a misspelt key) is said once, without a label.
-        shared = []
-        if len(failures) == len(combos):
-            shared = [p for p in failures[0][1] if all(p in own for _, own in failures)]
-        problems = list(shared)
-        for label, own in failures:
-            problems += [f"[{label}] {p}" for p in own if p not in shared]
-        raise RecipeError(recipe, problems)
-    first = resolved[0][1]
-    if first.tracking.backend == "none":
-        raise ArtplugError(
-            f"{recipe}: a sweep records its runs in MLflow, but tracking.backend is 'none'; "
-            "use --set tracking.backend=mlflow"
-        )
-    return resolved
-
-
-def _sweep(
-    ctx: click.Context,
-    recipe: str,
-    grid_specs: list[str],
-    overrides: list[str],
-    *,
-    quiet: bool,
-    max_steps: int | None,
-) -> None:
-    """The body of ``artplug sweep``: validate every combination, then a parent and children."""
-    import tempfile
-
-    from artplug import lab
-    from artplug.tracking import MlflowTracker
-    from artplug.workflows import one_line, run_recipe
-
-    plugin_set = _plugin_set(ctx)
-    grid = lab.parse_grid(grid_specs)
-    combos = _resolve_sweep(plugin_set, recipe, grid, overrides)
-    base = combos[0][1]
-    size = len(combos)
-    names_vary = "run.name" in grid
-    parent = MlflowTracker(
-        base.tracking.experiment,
-        f"{base.run.name} sweep",
-        tracking_uri=base.tracking.uri,
-        tags={
-            lab.SWEEP_GRID_TAG: json.dumps(grid),
-            lab.SWEEP_SIZE_TAG: str(size),
-            "artplug.recipe": recipe,
-            lab.NOTE_TAG: f"Sweep of {recipe} over {', '.join(grid)} ({size} runs)"
-            + (f"; --set {' '.join(overrides)}" if overrides else ""),
-        },
-    )
-    parent.start()
-    assert parent.run_id is not None
-    parent.log_artifact(recipe, artifact_path="sweep")
-    click.echo(f"sweep of {size} runs over {', '.join(grid)}; parent {parent.describe()}")
-    outcomes: list[dict[str, Any]] = []
-    status = "FAILED"
-    try:
-        for index, (values, _) in enumerate(combos, start=1):
-            label = lab.combination_label(values)
-            click.echo(f"\n[{index}/{size}] {label}")
-            extra = [] if names_vary else [f"run.name={json.dumps(f'{base.run.name} {label}')}"]
-            # Re-resolved with the child's own name (validated above without it).
-            child = _load(
-                plugin_set, recipe, [*overrides, *lab.combination_overrides(values), *extra]
-            )
-            outcome: dict[str, Any] = {"values": values, "run_id": None, "status": "FAILED"}
-            outcomes.append(outcome)
-            tags = {
-                lab.SWEEP_VALUES_TAG: json.dumps(values),
-                lab.SWEEP_INDEX_TAG: f"{index}/{size}",
-            }
-            try:
-                outcome["run_id"] = run_recipe(
-                    plugin_set,
-                    child,
-                    no_track=False,
-                    quiet=quiet,
-                    max_steps=max_steps,
-                    tracking_uri=parent.tracking_uri,
-                    parent_run_id=parent.run_id,
-                    tags=tags,
-                    record_failure=True,
-                    echo=click.echo,
-                )
-                outcome["status"] = "FINISHED"
-            except KeyboardInterrupt:
-                outcome["status"] = "KILLED"
-                raise
-            except Exception as exc:
-                # One combination failing (diverged, out of memory, a bug in a plugin) must not
-                # cost the others; its MLflow run is FAILED with the error as a tag.
-                outcome["error"] = one_line(exc)
-                click.echo(f"run {index}/{size} ({label}) failed: {outcome['error']}", err=True)
-        failed = sum(o["status"] != "FINISHED" for o in outcomes)
-        status = "FAILED" if failed == size else "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        click.echo(
-            f"sweep interrupted at run {len(outcomes)} of {size}; the finished runs are kept",
-            err=True,
-        )
-        raise
-    finally:
-        with tempfile.TemporaryDirectory(prefix="artplug-sweep-") as scratch:
-            summary = Path(scratch) / "sweep.json"
-            summary.write_text(
-                json.dumps({"grid": grid, "size": size, "runs": outcomes}, indent=2) + "\n",
-                encoding="utf-8",
-            )
-            parent.log_artifact(summary, artifact_path="sweep")
-            done = sum(o["status"] == "FINISHED" for o in outcomes)
-            parent.log_metrics({"sweep/finished": done, "sweep/failed": len(outcomes) - done}, 0)
-            if status != "KILLED":
-                _log_sweep_comparison(parent, Path(scratch))
-        parent.end(status)  # type: ignore[arg-type]
-    comparison = _sweep_comparison(parent)
-    click.echo()
-    for line in lab.describe(comparison):
-        click.echo(line)
-    click.echo(lab.render(comparison, "table"))
-    click.echo(parent.describe())
-    if failed:
-        click.echo(f"{failed} of {size} runs failed", err=True)
-        # Exit status 1 (not 2: the sweep itself was valid), for scripts that chain sweeps.
-        raise SystemExit(1)
-
-
-def _sweep_comparison(parent: Any) -> Any:
-    from artplug import lab
-
-    client, uri = lab.open_store(parent.tracking_uri)
-    return lab.collect(client, uri, parent=parent.run_id)
-
-
-def _log_sweep_comparison(parent: Any, folder: Path) -> None:
-    """The grid's comparison as artifacts of the parent run (compare.md, compare.png)."""
-    from artplug import lab
-
-    try:
-        comparison = _sweep_comparison(parent)
-    except ArtplugError:
-        return  # no child run reached the store: nothing to compare
-    table = folder / "compare.md"
-    table.write_text(
-        "\n\n".join([*lab.describe(comparison), lab.render(comparison, "markdown")]) + "\n",
-        encoding="utf-8",
-    )
-    parent.log_artifact(table, artifact_path="sweep")
-    chart = lab.plot_chart(comparison, folder / "compare.png")
-    if chart is not None:
-        parent.log_artifact(chart, artifact_path="sweep")
-
-
-def _rerun(
-    ctx: click.Context,
-    run_id: str,
-    overrides: list[str],
-    tracking_uri: str | None,
-    *,
-    quiet: bool,
-    max_steps: int | None,
-) -> None:
-    """The body of ``artplug rerun``."""
-    from artplug import lab
-    from artplug.workflows import resolve_saved, run_recipe
-
-    raw, original = lab.fetch_logged_recipe(run_id, tracking_uri)
-    plugin_set = _plugin_set(ctx)
-    source = f"MLflow run {run_id} ({lab.RECIPE_ARTIFACT})"
-    resolved = resolve_saved(plugin_set, raw, source, overrides, check_out_dir=True)
-    changes = f"with --set {' '.join(overrides)}" if overrides else "unchanged"
-    note = (
-        f"Re-run of MLflow run {run_id} ('{original.info.run_name}') from its logged "
-        f"{lab.RECIPE_ARTIFACT}, {changes}."
-    )
-    run_recipe(
-        plugin_set,
-        resolved,
-        no_track=False,
-        quiet=quiet,
-        max_steps=max_steps,
-        echo=click.echo,
-        tracking_uri=tracking_uri,
-        tags={
-            lab.RERUN_TAG: run_id,
-            lab.RERUN_OVERRIDES_TAG: json.dumps(overrides),
-            lab.NOTE_TAG: note,
-        },
-    )
-
-
 def _wants_traceback(argv: Sequence[str]) -> bool:
     return "--traceback" in argv or os.environ.get("ARTPLUG_TRACEBACK", "") not in ("", "0")
 
@@ -877,8 +588,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     traceback = _wants_traceback(args)
     try:
         plugin_set = load_plugins()
-        # The one place start-up problems are printed: each warning once per command.
-        report_warnings(plugin_set)
+        # The one place start-up problems are printed: each warning once per command (by rank
+        # 0 alone in a distributed run).
+        if _rank_zero():
+            report_warnings(plugin_set)
         cli = make_cli(plugin_set)
         cli.main(args=args, prog_name="artplug", standalone_mode=False)
     except ArtplugError as exc:
@@ -891,10 +604,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         # the cause carries the exit status: 130 for SIGINT, 143 for SIGTERM.
         code = getattr(exc.__cause__, "exit_code", 130)
         name = getattr(exc.__cause__, "signal_name", None)
-        click.echo(f"Interrupted ({name})." if name else "Aborted.", err=True)
+        if _rank_zero():  # every rank of a distributed run stops; rank 0 says so
+            click.echo(f"Interrupted ({name})." if name else "Aborted.", err=True)
         sys.exit(code)
     except KeyboardInterrupt as exc:
-        click.echo("Interrupted.", err=True)
+        if _rank_zero():
+            click.echo("Interrupted.", err=True)
         sys.exit(getattr(exc, "exit_code", 130))
     except click.ClickException as exc:
         if traceback:

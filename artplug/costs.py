@@ -119,10 +119,15 @@ class CostLedger:
     ``cost/total_backward_per_example`` (sums of the per-epoch values: the passes one training
     example went through over the whole run, on average) and ``cost/train_s`` (sum of
     ``cost/epoch_s``). The ledger travels in checkpoints, so a resumed run keeps its totals.
+
+    In a distributed run of ``world_size`` processes each one counts its own slices, all of the
+    same size: the passes per example are the same, and the examples (and so the throughput)
+    are ``world_size`` times this process's.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, world_size: int = 1) -> None:
         self.device = device
+        self.world_size = world_size
         self.epochs: list[dict[str, float]] = []
 
     def record_epoch(
@@ -131,6 +136,7 @@ class CostLedger:
         """Store epoch ``epoch`` (1-based) and return its ``cost/*`` metrics."""
         examples = counter.examples
         per_example = 1.0 / examples if examples else 0.0
+        examples *= self.world_size
         entry = {
             "epoch": float(epoch),
             "examples": float(examples),

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 import artplug
 from artplug import checkpoint as ckpt
-from artplug import phase
+from artplug import distributed, phase
 from artplug.costs import (
     CostLedger,
     PassCounter,
@@ -134,6 +134,22 @@ class Components:
     """Whether the loss terms' outputs passed :func:`check_loss_terms` (done on the first step)."""
     update_hooks: list[UpdateHook] = field(default_factory=list)
     """The recipe's transforms that are also :class:`UpdateHook` s, in ``[[transform]]`` order."""
+    world: distributed.World | None = None
+    """This process's place in a distributed run (torchrun); ``None`` for one process."""
+    ddp: nn.Module | None = None
+    """``model`` in DistributedDataParallel (distributed runs): the update's forwards go through
+    it, so that their backward all-reduces the gradients; attacks use ``model`` itself."""
+    gradient_taker: artplug.AfterBackward | None = field(init=False)
+    """The perturbation as :class:`artplug.AfterBackward`, or ``None`` (resolved here)."""
+    replaying: artplug.Replays | None = field(init=False)
+    """The perturbation as :class:`artplug.Replays`, or ``None`` (one pass per minibatch)."""
+
+    def __post_init__(self) -> None:
+        # The optional capabilities are resolved once, at build: an isinstance check on a
+        # runtime-checkable Protocol inspects attributes, which the step should not repeat.
+        p = self.perturbation
+        self.gradient_taker = p if isinstance(p, artplug.AfterBackward) else None
+        self.replaying = p if isinstance(p, artplug.Replays) else None
 
     @property
     def threat(self) -> Threat:
@@ -170,7 +186,18 @@ def _amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 
 
 def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Components:
-    """Instantiate data, model (with transforms), optimizer and techniques for ``recipe``."""
+    """Instantiate data, model (with transforms), optimizer and techniques for ``recipe``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) this joins the process group
+    (:func:`artplug.distributed.setup`): the device is ``cuda:LOCAL_RANK`` or the CPU, the
+    loader yields this rank's slice of each global batch, the model is wrapped for
+    DistributedDataParallel (BatchNorm synchronised with ``run.sync_bn``) and the random
+    generators are reseeded from the seed and the rank after everything is built.
+    """
+    world = distributed.setup(recipe.run.device)
+    if world is not None:
+        distributed.check_global_batch(recipe.data.batch_size, world.size)
+        device = world.device
     device = device if device is not None else select_device(recipe.run.device)
     if recipe.run.threads:
         # Process-wide; torch's default (one thread per core) is kept when threads is 0. On a
@@ -183,6 +210,8 @@ def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Comp
         download=recipe.data.download,
         val_size=recipe.data.val_size,
         seed=recipe.run.seed,
+        synthetic=recipe.data.synthetic_spec(),
+        device=device,  # only the synthetic dataset uses it: generated where it is trained
     )
     channels, height, _ = data.input_shape
     model: nn.Module = build_model(
@@ -198,6 +227,8 @@ def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Comp
     # Transforms run on CPU before .to(device) and before the optimizer exists, so that any
     # parameters they add are moved and trained like the others.
     model, transforms = transform_model(recipe, model)
+    if world is not None and recipe.run.sync_bn:
+        model = distributed.convert_sync_batchnorm(model, device)
     channels_last = recipe.run.channels_last == "on" or (
         recipe.run.channels_last == "auto" and device.type == "cuda"
     )
@@ -221,8 +252,9 @@ def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Comp
         seed=recipe.run.seed,
         # The split is copied to the GPU once; pinned memory makes that copy asynchronous.
         non_blocking=device.type == "cuda",
+        shard=(world.rank, world.size) if world is not None else (0, 1),
     )
-    return Components(
+    components = Components(
         recipe=recipe,
         device=device,
         data=data,
@@ -237,7 +269,14 @@ def build(recipe: ResolvedRecipe, *, device: torch.device | None = None) -> Comp
         channels_last=channels_last,
         base_lrs=[group["lr"] for group in optimizer.param_groups],
         update_hooks=[t for t in transforms if isinstance(t, UpdateHook)],
+        world=world,
+        ddp=distributed.wrap(model, world) if world is not None else None,
     )
+    if world is not None:
+        # Every rank built the same seeded model; from here on the ranks' random streams
+        # (random starts, dropout) differ, reproducibly for a given world size.
+        seed_everything(distributed.seed_for_rank(recipe.run.seed, world.rank))
+    return components
 
 
 # Technique code that rejects its parameters or its model raises these; anything else is a bug.
@@ -290,7 +329,7 @@ def check_build(recipe: ResolvedRecipe) -> None:
     rejects its parameters or the model fails here, before any training. No data is loaded
     and neither ART nor MLflow is imported.
     """
-    (channels, _, _), num_classes = dataset_shape(recipe.data.dataset)
+    (channels, _, _), num_classes = dataset_shape(recipe.data.dataset, recipe.data.synthetic_spec())
     model = build_model(
         recipe.model.arch,
         in_channels=channels,
@@ -517,8 +556,13 @@ class _Meter:
         )
         self.sums += values
 
+    def _global_sums(self) -> list[float]:
+        # In a distributed run every rank sums its own slices: the window's figures are those
+        # of the global batches (and every rank takes the same divergence decision).
+        return distributed.all_reduce_sum(self.sums).tolist()
+
     def read(self) -> dict[str, float]:
-        sums = self.sums.tolist()  # the one host sync of the logging window
+        sums = self._global_sums()  # the one host sync of the logging window
         n = max(sums[2], 1.0)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         out = {
@@ -532,14 +576,14 @@ class _Meter:
 
     def nonfinite(self) -> list[str]:
         """The loss keys whose unread sums are not finite (one host sync; epoch ends only)."""
-        sums = self.sums.tolist()
+        sums = self._global_sums()
         keys = ["train/loss"] + [f"train/loss.{term_id}" for term_id in self.term_ids]
         values = [sums[0], *sums[3:]]
         return [key for key, value in zip(keys, values, strict=True) if not math.isfinite(value)]
 
     def state_dict(self) -> dict[str, Any]:
         """The unread window as plain data, for a checkpoint written between two reads."""
-        return {"sums": self.sums.tolist(), "elapsed_s": time.perf_counter() - self.started}
+        return {"sums": self._global_sums(), "elapsed_s": time.perf_counter() - self.started}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Undo :meth:`state_dict`: the next read covers the restored steps too."""
@@ -549,6 +593,9 @@ class _Meter:
                 f"the checkpoint's running loss sums have {len(sums) - 3} terms, the recipe "
                 f"{len(self.term_ids)}"
             )
+        world = distributed.current()
+        if world is not None and not world.writer:
+            sums = [0.0] * len(sums)  # the saved sums are global: rank 0 carries them alone
         self.sums = torch.tensor(sums, device=self.device, dtype=torch.float64)
         self.started = time.perf_counter() - float(state.get("elapsed_s", 0.0))
 
@@ -644,11 +691,10 @@ def train_step(
     threat = apply_knobs(c, knobs)
     model, perturbation = c.model, c.perturbation
     attack_train_mode = c.recipe.perturbation.model_mode == "train"
-    # Optional capabilities (artplug.AfterBackward, artplug.Replays), checked once per step.
-    after_backward = (
-        perturbation.after_backward if isinstance(perturbation, artplug.AfterBackward) else None
-    )
-    replays = perturbation.replays if isinstance(perturbation, artplug.Replays) else 1
+    # Optional capabilities (artplug.AfterBackward, artplug.Replays), resolved at build. The
+    # replay count is read per step: a schedule may change it through the technique's Params.
+    gradient_taker = c.gradient_taker
+    replays = c.replaying.replays if c.replaying is not None else 1
     needs_clean = any("clean" in slot.term.needs for slot in c.losses)
     needs_adv = any("adv" in slot.term.needs for slot in c.losses)
     autocast = (
@@ -669,14 +715,17 @@ def train_step(
                 with phase.running("update"):
                     for hook in c.update_hooks:
                         hook.before_update(model, x, x_adv, y, state)
-            if after_backward is not None:
+            if gradient_taker is not None:
                 x_adv.requires_grad_(True)
             # The phases tell transforms which pass this is (artplug/phase.py): a latent
             # perturbation site perturbs only the update's forward of x_adv.
+            # Through the DistributedDataParallel wrapper in a distributed run: the backward of
+            # these forwards all-reduces the gradients (the attack's passes above do not).
+            trained = c.ddp if c.ddp is not None else model
             with phase.running("update-clean"):
-                logits_clean = model(x) if needs_clean else None
+                logits_clean = trained(x) if needs_clean else None
             with phase.running("update-adv"):
-                logits_adv = model(x_adv) if needs_adv else None
+                logits_adv = trained(x_adv) if needs_adv else None
             out = Outputs(x, y, x_adv, logits_clean, logits_adv)
             with phase.running("update"):
                 parts = [slot.term(out, state) for slot in c.losses]
@@ -694,8 +743,8 @@ def train_step(
         # The gradient was taken at the hooks' weights; the optimizer steps from the originals.
         for hook in reversed(c.update_hooks):
             hook.after_backward_update(model)
-        if after_backward is not None:
-            after_backward(x_adv.grad, state)
+        if gradient_taker is not None:
+            gradient_taker.after_backward(x_adv.grad, state)
         if c.scaler is not None:
             c.scaler.step(c.optimizer)
             c.scaler.update()
@@ -789,6 +838,14 @@ def evaluate_with_worst(
 def _checkpoint_payload(c: Components, epoch: int, step: int, run_id: str | None) -> dict[str, Any]:
     # Only a perturbation with the artplug.Stateful capability has state to save.
     perturbation = c.perturbation
+    extra: dict[str, Any] = {}
+    if c.world is not None:
+        # Every rank's generator states (a collective: every rank checkpoints at the same
+        # points), so that a resumed distributed run continues each rank's own streams.
+        extra = {
+            "world_size": c.world.size,
+            "rng_ranks": distributed.gather_objects(ckpt.rng_states()),
+        }
     return {
         "artplug_version": artplug.__version__,
         "recipe": c.recipe.to_dict(),
@@ -802,6 +859,7 @@ def _checkpoint_payload(c: Components, epoch: int, step: int, run_id: str | None
         ),
         "rng": ckpt.rng_states(),
         "tracking_run_id": run_id,
+        **extra,
     }
 
 
@@ -814,13 +872,29 @@ def restore(c: Components, payload: Mapping[str, Any], source: str) -> tuple[int
     if isinstance(c.perturbation, artplug.Stateful) and payload.get("perturbation") is not None:
         c.perturbation.load_state_dict(payload["perturbation"])
     try:
-        ckpt.restore_rng_states(payload["rng"])
+        ckpt.restore_rng_states(_own_rng_states(c, payload))
     except (KeyError, TypeError, ValueError) as exc:
         # ckpt.load(purpose="resume") checks the states' shape; this covers hand-built payloads.
         raise CheckpointError(
             f"{source}: cannot restore the random generator states ({type(exc).__name__}: {exc})"
         ) from None
     return int(payload["epoch"]), int(payload["step"])
+
+
+def _own_rng_states(c: Components, payload: Mapping[str, Any]) -> Any:
+    """The generator states this process continues from: its rank's, when the checkpoint has
+    them for this world size; otherwise (one process, or a fork into another world size) the
+    saved ones, made distinct per rank by a reseed after the restore."""
+    world = c.world
+    if world is None:
+        return payload["rng"]
+    ranks = payload.get("rng_ranks")
+    if int(payload.get("world_size", 1)) == world.size and isinstance(ranks, list):
+        return ranks[world.rank]
+    step = int(payload.get("step", 0))
+    ckpt.restore_rng_states(payload["rng"])
+    seed_everything(distributed.seed_for_rank(c.recipe.run.seed + step, world.rank))
+    return ckpt.rng_states()
 
 
 def load_weights(c: Components, payload: Mapping[str, Any], source: str) -> None:
@@ -1051,7 +1125,7 @@ class Training:
 
         self.steps_per_epoch = len(c.train_loader)
         self.policy = CheckpointPolicy(recipe.eval.attacks, recipe.eval.early_stop_patience)
-        self.ledger = CostLedger(c.device)
+        self.ledger = CostLedger(c.device, c.world.size if c.world is not None else 1)
         self.meter = _Meter(c.device, [slot.id for slot in c.losses])
         self.counter = PassCounter()
         self.windows = _EpochWindows()
@@ -1488,8 +1562,12 @@ def _epoch_line(summary: Mapping[str, float], epochs: int) -> str:
 
 
 def start_tracking(c: Components, tracker: Tracker, plugin_versions: Mapping[str, str]) -> None:
-    """Open the tracked run: params (flattened resolved recipe), tags, the recipe artifact."""
-    from artplug.tracking import provenance_tags
+    """Open the tracked run: params (flattened resolved recipe), tags, the recipe artifact.
+
+    The run's description (``mlflow.note.content``) says what runs: techniques, dataset,
+    threat, epochs; :func:`artplug.workflows.finish` adds the test results at the end.
+    """
+    from artplug.tracking import NOTE_TAG, creation_note, provenance_tags, run_description
 
     tracker.start()
     tracker.log_params(flatten(c.recipe.to_dict()))
@@ -1497,4 +1575,8 @@ def start_tracking(c: Components, tracker: Tracker, plugin_versions: Mapping[str
     tags = provenance_tags(device=device_name, plugins=plugin_versions)
     tags["artplug.techniques"] = c.recipe.summary()
     tags["artplug.recipe"] = c.recipe.source
+    threat = c.eval_threat
+    tags[NOTE_TAG] = run_description(
+        c.recipe, eval_norm=threat.norm, eval_eps=threat.eps, note=creation_note(tracker)
+    )
     tracker.set_tags(tags)

@@ -134,6 +134,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from artplug import distributed
 from artplug.errors import ArtplugError
 from artplug.kinds import Threat
 
@@ -1041,21 +1042,33 @@ def evaluate_detailed(
     _check_inputs(x, y, threat)
     if not names:
         return {}, {}
+    out_device, n = x.device, len(x)
+    # In a distributed run (artplug.distributed) every rank attacks its contiguous part of the
+    # examples and the per-example masks are gathered back in order: the same numbers as one
+    # process, in a 1/world_size of the time. Every rank must call this with the same inputs.
+    part = distributed.eval_part(n)
+    if part is not None:
+        x, y = x[part], y[part]
     x_np, y_np = _to_numpy(x, y)
     masks: dict[str, np.ndarray] = {}
-    with _session(model, x, threat, device, batch_size, seed) as ctx:
-        # Clean predictions are needed by every entry (misclassified examples are not attacked),
-        # so they are computed once and double as the ``clean`` result.
-        clean_correct: np.ndarray | None = None
-        for name in names:
-            if on_attack is not None:
-                on_attack(name)
-            if clean_correct is None:
-                clean_correct = ctx.correct(x_np, y_np, pin=True)
-            _, _, masks[name] = _run_entry(ctx, name, x_np, y_np, clean_correct)
+    if len(x) == 0:  # a rank left without examples (fewer examples than ranks)
+        masks = {name: np.zeros(0, dtype=bool) for name in names}
+    else:
+        with _session(model, x, threat, device, batch_size, seed) as ctx:
+            # Clean predictions are needed by every entry (misclassified examples are not
+            # attacked), so they are computed once and double as the ``clean`` result.
+            clean_correct: np.ndarray | None = None
+            for name in names:
+                if on_attack is not None:
+                    on_attack(name)
+                if clean_correct is None:
+                    clean_correct = ctx.correct(x_np, y_np, pin=True)
+                _, _, masks[name] = _run_entry(ctx, name, x_np, y_np, clean_correct)
+    if part is not None:
+        masks = distributed.gather_masks(masks, n)
     masks["worst"] = np.logical_and.reduce(list(masks.values()))
     accuracy = {name: float(mask.mean()) for name, mask in masks.items()}
-    robust = {name: torch.from_numpy(mask.copy()).to(x.device) for name, mask in masks.items()}
+    robust = {name: torch.from_numpy(mask.copy()).to(out_device) for name, mask in masks.items()}
     return accuracy, robust
 
 

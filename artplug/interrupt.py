@@ -91,7 +91,9 @@ class StopRequest:
             self.deferring = before
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested or not self.deferring:
+        # The local record, not `requested`: a subclass may make that a collective
+        # (artplug.distributed.AgreedStop), which a signal handler must never run.
+        if self.signum is not None or not self.deferring:
             # A second signal, or nothing polls the flag right now: stop here and now.
             self.request(signum)
             raise RunInterrupted(signum)

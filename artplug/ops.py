@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from artplug.kinds import Threat
@@ -162,3 +163,36 @@ def projected_ascent(
             (grad,) = torch.autograd.grad(objective(model(x_adv)), x_adv)
             x_adv = project(x_adv.detach() + ascent_step(grad, step_size, threat.norm), x, threat)
     return x_adv.detach()
+
+
+# TRADES' CIFAR-10 attack: step 0.007 at eps 0.031 (train_trades_cifar10.py); the KL attacks'
+# default step is this ratio times the training eps.
+TRADES_STEP_RATIO = 0.007 / 0.031
+
+
+def kl_terms(log_p: Tensor, logits_q: Tensor) -> Tensor:
+    """The elementwise terms ``p (log p − log q)`` of ``KL(p ‖ softmax(logits_q))``, ``(N, K)``.
+
+    TRADES' divergence, shared by its loss and by attacks that maximise it (``trades-kl``,
+    ``spat`` with ``loss = "kl"``). Summed over the classes (``dim=1``) they are each example's
+    KL, summed over everything the batch's total. ``log_p = log p``; both logarithms come from
+    ``log_softmax``: finite, and with finite gradients, even where a probability underflows to
+    zero (``p · log p`` there is ``0 · finite``, unlike ``xlogy(p, p)`` whose gradient with
+    respect to ``p`` is 0/0 at 0).
+    """
+    return log_p.exp() * (log_p - F.log_softmax(logits_q, dim=1))
+
+
+def kl_attack_start(
+    model: nn.Module, x: Tensor, threat: Threat, scale: float, init_std: float
+) -> tuple[Tensor, Tensor]:
+    """TRADES' attack setup: the fixed target ``log softmax(s · f(x))`` and the start.
+
+    The target is computed once, without a graph, in the caller's model mode; the start is
+    ``x + init_std · N(0, I)`` projected onto the ball and [0, 1] (the KL gradient vanishes at
+    ``x' = x``). Returns ``(log_p, start)``.
+    """
+    with torch.no_grad():
+        log_p = F.log_softmax(scale * full_precision(model(x)), dim=1)
+    start = project(x + init_std * torch.randn_like(x), x, threat)
+    return log_p, start

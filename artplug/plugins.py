@@ -348,7 +348,34 @@ def load_plugins(
                     LoadFailure(plugin_name, info.distribution if info else None, str(error))
                 )
         _settle(kind, claims, result, strict)
+    global _active_registries
+    _active_registries = result.registries
     return result
+
+
+# The registries of the most recently loaded plugin set: the one the running command resolves
+# recipes against. Only :func:`technique` reads it, for techniques that delegate to another
+# technique by name (moat's SPAT stage) without importing that plugin's module.
+_active_registries: Registries | None = None
+
+
+def technique(kind: Kind, name: str) -> type[Any]:
+    """The technique class registered as ``name`` in ``kind``, from the loaded plugins.
+
+    For a technique that delegates part of its work to another registered technique (moat runs
+    the ``spat`` perturbation as its multi-step stage): it looks the class up by name, the way
+    a recipe does, instead of importing the other plugin's module, so disabling that plugin
+    really removes it. Raises ``KeyError`` with the registry's did-you-mean message when the
+    name is not registered. When nothing has loaded plugins yet (a technique built directly in
+    a notebook or a test), the installed plugins are loaded once, as a command would.
+    """
+    registries = _active_registries
+    if registries is None:
+        registries = load_plugins().registries
+    registry = registries.of(kind)
+    if name not in registry:
+        raise KeyError(registry.unknown_message(name))
+    return registry.get(name).cls
 
 
 def _settle(

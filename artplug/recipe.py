@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from artplug.data import DATASETS
+from artplug.data import DATASETS, SyntheticSpec
 from artplug.errors import RecipeError, did_you_mean
 from artplug.evaluate import ATTACKS
 from artplug.kinds import (
@@ -106,6 +107,11 @@ class RunSection(_Section):
     max_rollbacks: int = Field(
         3, ge=0, description="rollbacks allowed with on_nonfinite = 'rollback' before stopping"
     )
+    sync_bn: bool = Field(
+        False,
+        description="in a distributed run (torchrun, --nproc), BatchNorm statistics over the "
+        "global batch (SyncBatchNorm); no effect in one process; docs/distributed.md",
+    )
 
     @field_validator("device")
     @classmethod
@@ -113,6 +119,33 @@ class RunSection(_Section):
         if value in ("auto", "cpu", "cuda", "mps") or value.startswith("cuda:"):
             return value
         raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
+
+
+class SyntheticSection(_Section):
+    """``[data.synthetic]``: the generated dataset's shape and sizes (docs/datasets.md)."""
+
+    shape: list[int] = Field(
+        default_factory=lambda: list(SyntheticSpec().shape),
+        description="image shape [channels, height, width]",
+    )
+    num_classes: int = Field(SyntheticSpec().num_classes, ge=2)
+    train_size: int = Field(SyntheticSpec().train_size, ge=2, description="train + val examples")
+    test_size: int = Field(SyntheticSpec().test_size, ge=1)
+
+    @field_validator("shape")
+    @classmethod
+    def _three_positive_sizes(cls, value: list[int]) -> list[int]:
+        if len(value) != 3 or min(value) < 1:
+            raise ValueError(f"must be [channels, height, width], each >= 1, got {value}")
+        return value
+
+    def spec(self) -> SyntheticSpec:
+        """As the :class:`~artplug.data.SyntheticSpec` that :func:`~artplug.data.load_dataset`
+        takes."""
+        channels, height, width = self.shape
+        return SyntheticSpec(
+            (channels, height, width), self.num_classes, self.train_size, self.test_size
+        )
 
 
 class DataSection(_Section):
@@ -126,6 +159,49 @@ class DataSection(_Section):
         "auto", description="random crop + flip; 'auto' = on for 32x32 datasets, off for digits"
     )
     val_size: int | None = Field(None, ge=1, description="validation examples held out of train")
+    synthetic: SyntheticSection | None = Field(
+        None,
+        description="shape and sizes of dataset = 'synthetic' (filled in with CIFAR-10's when "
+        "absent); only for that dataset",
+    )
+    paper_parity: bool = Field(
+        False,
+        description="the recipe reproduces a paper's setup and its numbers are compared with "
+        "published ones: dataset = 'synthetic' is refused",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _synthetic_defaults(cls, data: Any) -> Any:
+        # The resolved recipe shows every default: the synthetic table too, when it applies.
+        if (
+            isinstance(data, dict)
+            and data.get("dataset") == "synthetic"
+            and data.get("synthetic") is None
+        ):
+            return {**data, "synthetic": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _synthetic_only_where_it_applies(self) -> DataSection:
+        if self.dataset == "synthetic" and self.paper_parity:
+            raise ValueError(
+                "dataset 'synthetic' is refused: this recipe claims paper parity "
+                "(data.paper_parity = true), so its numbers must come from the paper's data; "
+                "for a throughput measurement add --set data.paper_parity=false"
+            )
+        if self.dataset != "synthetic" and self.synthetic is not None:
+            raise ValueError(
+                f"the [data.synthetic] table applies to dataset 'synthetic' only, not "
+                f"{self.dataset!r}; remove it"
+            )
+        return self
+
+    def synthetic_spec(self) -> SyntheticSpec | None:
+        """The shape and sizes of the synthetic dataset, None for the other datasets."""
+        if self.synthetic is None:
+            return None
+        return self.synthetic.spec()
 
 
 class ModelSection(_Section):
@@ -291,6 +367,15 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 TECHNIQUE_TABLES = ("transform", "perturbation", "loss", "schedule")
 ALL_TABLES = (*SECTIONS, *TECHNIQUE_TABLES)
+LIST_TABLES = ("transform", "loss", "schedule")
+"""The arrays of tables; an extending recipe replaces them whole (never merged by position)."""
+EXTENDS_KEY = "extends"
+"""Top-level key of a recipe file: the path (relative to that file) of the recipe it extends."""
+UNSET_KEY = "unset"
+"""Top-level key of an extending recipe: dotted keys to remove from what it inherits."""
+CHAIN_KEY = "extends_chain"
+"""Top-level key of a resolved recipe: the files it was merged from, the extending one first."""
+TOP_LEVEL_KEYS = (EXTENDS_KEY, UNSET_KEY, CHAIN_KEY)
 
 
 @dataclass(frozen=True)
@@ -340,10 +425,17 @@ class ResolvedRecipe:
     losses: tuple[TechniqueSpec, ...] = ()
     schedules: tuple[TechniqueSpec, ...] = ()
     techniques: tuple[str, ...] = field(default=())
+    extends_chain: tuple[str, ...] = ()
+    """The recipe files merged into this one through ``extends``, the extending file first;
+    empty for a recipe that extends nothing."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON/TOML-able), sections in a fixed order."""
-        out: dict[str, Any] = {}
+        """Plain data (JSON/TOML-able), sections in a fixed order.
+
+        ``extends_chain`` comes first, and only when the recipe extends another: as a
+        top-level key it must precede every table in TOML.
+        """
+        out: dict[str, Any] = {CHAIN_KEY: list(self.extends_chain)} if self.extends_chain else {}
         for name in SECTIONS:
             section: _Section = getattr(self, name)
             out[name] = section.model_dump(mode="json")
@@ -377,29 +469,314 @@ def load_recipe(
 ) -> ResolvedRecipe:
     """Read, override, validate and resolve the recipe at ``path``.
 
-    With ``check_out_dir`` (the default: a recipe file is read to be run) an ``run.out_dir``
-    that cannot hold run folders is one of the problems reported; nothing is created.
+    A recipe that extends another (``extends = "PARENT.toml"``) is merged with its chain first
+    (see :func:`read_recipe`); its problems then name the file and line each offending value
+    came from. With ``check_out_dir`` (the default: a recipe file is read to be run) an
+    ``run.out_dir`` that cannot hold run folders is one of the problems reported; nothing is
+    created.
     """
-    source = str(path)
-    file = Path(path)
+    recipe_file = read_recipe(path)
+    raw = recipe_file.raw
+    if len(recipe_file.chain) > 1:
+        raw = {CHAIN_KEY: list(recipe_file.chain), **raw}
+    try:
+        return resolve(
+            raw,
+            registries,
+            source=recipe_file.chain[0],
+            overrides=overrides,
+            failure_hint=failure_hint,
+            check_out_dir=check_out_dir,
+        )
+    except RecipeError as exc:
+        if len(recipe_file.chain) == 1:
+            raise
+        overridden = {tuple(_split_key(o.partition("=")[0])) for o in overrides}
+        located = [recipe_file.locate(problem, overridden) for problem in exc.problems]
+        raise RecipeError(exc.source, located) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Inheritance: ``extends = "PARENT.toml"``
+
+
+@dataclass(frozen=True)
+class RecipeFile:
+    """A recipe file merged with the files it extends, before validation.
+
+    ``raw`` is the merged TOML data (without ``extends`` and ``unset``); ``chain`` the file
+    names, the extending file first (as given, parents joined to it and normalised);
+    ``origins`` the file that set each value, by key path (``("optim", "lr")``; an array of
+    tables by its name alone, ``("loss",)``, as it is replaced whole); ``texts`` each file's text,
+    to find line numbers.
+    """
+
+    raw: dict[str, Any]
+    chain: tuple[str, ...]
+    origins: dict[tuple[str, ...], str]
+    texts: dict[str, str]
+
+    def origin(self, path: Sequence[str]) -> str | None:
+        """The file that set the value at key ``path``, or None when it is not one file."""
+        key = tuple(path)
+        for end in range(len(key), 0, -1):
+            if key[:end] in self.origins:
+                return self.origins[key[:end]]
+        # A whole table whose keys came from several files has no single origin.
+        files = {f for k, f in self.origins.items() if k[: len(key)] == key}
+        return files.pop() if len(files) == 1 else None
+
+    def locate(self, problem: str, overridden: Iterable[tuple[str, ...]] = ()) -> str:
+        """``problem`` with the file and line its value came from appended, when found.
+
+        ``problem`` starts with a location as :func:`resolve` writes them (``optim.lr: ...``,
+        ``loss[1] (trades).beta: ...``); a key set by ``--set`` (one of ``overridden``) is
+        said to come from there.
+        """
+        match = _PROBLEM_LOCATION.match(problem)
+        if match is None:
+            return problem
+        table = match["table"]
+        index = int(match["index"]) if match["index"] is not None else None
+        # ".attacks[0]" -> ["attacks"]: a problem inside an array names the array's key.
+        keys = [re.sub(r"\[\d+\]$", "", part) for part in match["rest"].split(".") if part]
+        path = (table, *keys)
+        dotted = {tuple(o) for o in overridden}
+        wanted = (table, str(index), *keys) if index is not None else path
+        if any(wanted[: len(o)] == o for o in dotted):
+            return f"{problem} (set by --set)"
+        file = self.origin(path)
+        if file is None:
+            return problem
+        line = _find_line(self.texts.get(file, ""), path, index)
+        return f"{problem} (set in {file}:{line})" if line else f"{problem} (set in {file})"
+
+
+# The location a problem of resolve() starts with: "optim.lr:", "loss[1] (trades).beta:",
+# "perturbation (moat).slat.alpha:", "eval.attacks[0]:", "run:".
+_PROBLEM_LOCATION = re.compile(
+    r"^(?P<table>[A-Za-z0-9_-]+)(?:\[(?P<index>\d+)\])?(?: \([^)]*\))?"
+    r"(?P<rest>(?:\.[A-Za-z0-9_-]+(?:\[\d+\])?)*):"
+)
+
+
+def read_recipe(path: str | Path) -> RecipeFile:
+    """Parse the recipe file at ``path`` and merge it with the chain of files it extends.
+
+    Merge rules (docs/recipes.md, Inheritance): tables merge key by key, nested tables too;
+    arrays of tables (``[[transform]]``, ``[[loss]]``, ``[[schedule]]``) and every other value
+    are replaced whole; a ``[perturbation]`` that names another ``use`` replaces the inherited
+    one whole (the parameters of one attack mean nothing to another). ``unset = ["eval.eps"]``
+    removes inherited keys before the file's own values apply. Problems (a missing parent, a
+    cycle, a bad ``unset``) raise :class:`RecipeError` naming the file and line.
+    """
+    display = str(path)
+    return _read_chain(Path(path), display, ())
+
+
+def _read_chain(file: Path, display: str, below: tuple[tuple[Path, str], ...]) -> RecipeFile:
+    """``file`` merged with its parents; ``below`` are the files that extend it (a chain)."""
+    text, raw = _parse_file(file, display, below)
+    extends = raw.pop(EXTENDS_KEY, None)
+    unset = raw.pop(UNSET_KEY, None)
+    own = _origins_of(raw, display)
+    if extends is None:
+        if unset is not None:
+            raise RecipeError(
+                display,
+                [
+                    f"unset{_line_note(text, (UNSET_KEY,))}: only a recipe that extends another "
+                    'can unset keys; add extends = "PARENT.toml" or remove unset'
+                ],
+            )
+        return RecipeFile(raw, (display,), own, {display: text})
+    where = f"extends{_line_note(text, (EXTENDS_KEY,))}"
+    if not isinstance(extends, str) or not extends.strip():
+        raise RecipeError(
+            display,
+            [
+                f"{where}: must be the path of the recipe this one extends, relative to this "
+                f'file, e.g. extends = "../he_trades.toml" (got {_describe(extends)})'
+            ],
+        )
+    parent_file = file.parent / extends
+    parent_display = os.path.normpath(os.path.join(os.path.dirname(display), extends))
+    here = file.resolve()
+    chain = [*below, (here, display)]
+    if any(seen == parent_file.resolve() for seen, _ in chain):
+        start = next(i for i, (seen, _) in enumerate(chain) if seen == parent_file.resolve())
+        cycle = " -> ".join([name for _, name in chain[start:]] + [parent_display])
+        raise RecipeError(display, [f"{where}: recipes extend each other in a cycle: {cycle}"])
+    if not parent_file.is_file():
+        what = "not found" if not parent_file.exists() else "not a file"
+        raise RecipeError(
+            display,
+            [f"{where}: {extends!r} is {what} (looked for {parent_display}, relative to the file)"],
+        )
+    parent = _read_chain(parent_file, parent_display, tuple(chain))
+    merged = parent.raw
+    origins = dict(parent.origins)
+    problems: list[str] = []
+    if unset is not None:
+        problems += _apply_unset(merged, origins, unset, text, parent.chain[0])
+    if problems:
+        raise RecipeError(display, problems)
+    _merge(merged, raw, origins, display, ())
+    return RecipeFile(merged, (display, *parent.chain), origins, {**parent.texts, display: text})
+
+
+def _parse_file(
+    file: Path, display: str, below: tuple[tuple[Path, str], ...]
+) -> tuple[str, dict[str, Any]]:
+    """The text and TOML data of one recipe file; a problem names it (and who extends it)."""
+    source = f"{display} (extended by {below[-1][1]})" if below else display
     if not file.is_file():
         raise RecipeError(source, ["file not found" if not file.exists() else "not a file"])
     try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        text = file.read_text(encoding="utf-8")
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(source, [f"invalid TOML: {exc}"]) from None
     except UnicodeDecodeError:
         raise RecipeError(source, ["not a UTF-8 text file"]) from None
     except ValueError as exc:  # e.g. an integer of more than 4300 digits (int() refuses it)
         raise RecipeError(source, [f"invalid TOML value: {exc}"]) from None
-    return resolve(
-        raw,
-        registries,
-        source=source,
-        overrides=overrides,
-        failure_hint=failure_hint,
-        check_out_dir=check_out_dir,
-    )
+
+
+def _origins_of(
+    value: Any, display: str, prefix: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], str]:
+    """Key path -> ``display`` for every value in ``value`` (tables recursed, arrays whole)."""
+    if not isinstance(value, dict) or (prefix and prefix[0] in LIST_TABLES):
+        return {prefix: display} if prefix else {}
+    out: dict[tuple[str, ...], str] = {}
+    for key, item in value.items():
+        out.update(_origins_of(item, display, (*prefix, key)))
+    if prefix and not value:  # an empty table, e.g. [model] with every key left to defaults
+        out[prefix] = display
+    return out
+
+
+def _drop_origins(origins: dict[tuple[str, ...], str], path: tuple[str, ...]) -> None:
+    """Forget where the value at ``path`` and everything under it came from."""
+    for key in [k for k in origins if k[: len(path)] == path]:
+        del origins[key]
+
+
+def _merge(
+    base: dict[str, Any],
+    over: Mapping[str, Any],
+    origins: dict[tuple[str, ...], str],
+    display: str,
+    prefix: tuple[str, ...],
+) -> None:
+    """Apply the values of ``over`` (from file ``display``) onto ``base`` in place."""
+    for key, value in over.items():
+        path = (*prefix, key)
+        old = base.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and path[0] not in LIST_TABLES:
+            # Another attack: its parameters are not the inherited attack's.
+            other_attack = value.get("use", old.get("use")) != old.get("use")
+            if not (path == ("perturbation",) and other_attack):
+                _merge(old, value, origins, display, path)
+                continue
+        base[key] = _deep_copy(value)
+        _drop_origins(origins, path)
+        origins.update(_origins_of(value, display, path))
+
+
+def _apply_unset(
+    merged: dict[str, Any],
+    origins: dict[tuple[str, ...], str],
+    unset: Any,
+    text: str,
+    parent: str,
+) -> list[str]:
+    """Remove the inherited keys named by ``unset``; one problem per bad entry."""
+    where = f"unset{_line_note(text, (UNSET_KEY,))}"
+    if not (isinstance(unset, list) and all(isinstance(e, str) for e in unset)):
+        return [
+            f'{where}: must be a list of dotted keys, e.g. unset = ["eval.eps", "model.depth"] '
+            f"(got {_describe(unset)})"
+        ]
+    problems = []
+    for entry in unset:
+        parts = entry.split(".")
+        node: Any = merged
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or parts[-1] not in node or not all(parts):
+            known = list(_dotted_keys(merged))
+            problems.append(
+                f"{where}: {entry!r} is not set by {parent} or the recipes it extends, so there "
+                f"is nothing to unset{did_you_mean(entry, known)}"
+            )
+            continue
+        del node[parts[-1]]
+        _drop_origins(origins, tuple(parts))
+    return problems
+
+
+def _dotted_keys(value: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    """Every table and key of ``value`` as a dotted name (``eval``, ``eval.eps``)."""
+    for key, item in value.items():
+        name = f"{prefix}.{key}" if prefix else key
+        yield name
+        if isinstance(item, dict):
+            yield from _dotted_keys(item, name)
+
+
+_HEADER = re.compile(r"^\[\[?\s*(?P<name>[^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_KEY_LINE = re.compile(r"^(?P<key>[A-Za-z0-9_\-.\"' ]+?)\s*=")
+
+
+def _dotted(name: str) -> tuple[str, ...]:
+    """A TOML key or header (``a . "b"``) as its parts, quotes and spaces stripped."""
+    return tuple(part.strip().strip("\"'") for part in name.split("."))
+
+
+def _find_line(text: str, path: tuple[str, ...], index: int | None = None) -> int | None:
+    """The line of ``text`` that sets the key at ``path``, by a light scan (tomllib gives none).
+
+    ``index`` picks the occurrence of an array of tables (``[[loss]]``). Falls back to a line
+    that sets a table holding the key (an inline table), then to the table's header; None when
+    nothing matches. Multi-line strings that look like keys may mislead it: good enough to
+    point a reader at the right place.
+    """
+    table: tuple[str, ...] = ()
+    occurrence: dict[tuple[str, ...], int] = {}
+    current: int | None = None
+    exact = partial = header = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        heading = _HEADER.match(stripped)
+        if heading is not None and stripped.startswith("["):
+            table = _dotted(heading["name"])
+            current = None
+            if stripped.startswith("[["):
+                current = occurrence[table] = occurrence.get(table, -1) + 1
+            if header is None and table == path[:1] and (index is None or current == index):
+                header = number
+            continue
+        key_line = _KEY_LINE.match(stripped)
+        if key_line is None:
+            continue
+        if table and table[0] in LIST_TABLES and index is not None and current != index:
+            continue
+        full = (*table, *_dotted(key_line["key"]))
+        if full == path and exact is None:
+            exact = number
+        elif len(full) < len(path) and path[: len(full)] == full and partial is None:
+            partial = number
+    return exact or partial or header
+
+
+def _line_note(text: str, path: tuple[str, ...]) -> str:
+    """`` (line N)`` for the line that sets ``path`` in ``text``; empty when not found."""
+    line = _find_line(text, path)
+    return f" (line {line})" if line else ""
 
 
 def resolve(
@@ -430,9 +807,22 @@ def resolve(
     if problems:
         raise RecipeError(source, problems)
 
+    chain = data.pop(CHAIN_KEY, [])
+    if not (isinstance(chain, list) and all(isinstance(name, str) for name in chain)):
+        problems.append(f"{CHAIN_KEY}: must be a list of file names (got {_describe(chain)})")
+        chain = []
+    for key in (EXTENDS_KEY, UNSET_KEY):
+        if key in data:
+            data.pop(key)
+            problems.append(
+                f"{key}: only a recipe file can use {key} (paths are relative to the file); "
+                "this recipe was not read from one"
+            )
     for key in data:
         if key not in ALL_TABLES:
-            problems.append(f"{key}: unknown table{did_you_mean(key, ALL_TABLES)}")
+            problems.append(
+                f"{key}: unknown table{did_you_mean(key, (*ALL_TABLES, *TOP_LEVEL_KEYS))}"
+            )
 
     sections: dict[str, Any] = {}
     for name, model in SECTIONS.items():
@@ -443,7 +833,7 @@ def resolve(
         try:
             sections[name] = model.model_validate(table)
         except ValidationError as exc:
-            problems.extend(_render(exc, name))
+            problems.extend(_render(exc, name, model))
     if check_out_dir and "run" in sections:
         problem = out_dir_problem(sections["run"].out_dir)
         if problem is not None:
@@ -489,6 +879,7 @@ def resolve(
         losses=tuple(specs["loss"]),
         schedules=tuple(specs["schedule"]),
         techniques=tuple(stack),
+        extends_chain=tuple(chain),
         **sections,
     )
 
@@ -520,7 +911,8 @@ def _technique(
     try:
         params = entry.cls.Params.model_validate(params_raw, strict=True)
     except ValidationError as exc:
-        own = _render(exc, label)
+        # Reserved keys are the engine's, not Params fields, yet a typo of one is a typo.
+        own = _render(exc, label, entry.cls.Params, RESERVED_KEYS[kind][1:], use)
         ok = False
     # Params models are the plugins' and may allow inf/nan; no recipe number means anything
     # there, so non-finite values are refused here (unless pydantic already refused them).
@@ -659,19 +1051,74 @@ def _stage_order_problems(transforms: Sequence[Any]) -> list[str]:
     return problems
 
 
-def _render(exc: ValidationError, prefix: str) -> list[str]:
+def _render(
+    exc: ValidationError,
+    prefix: str,
+    model: type[BaseModel] | None = None,
+    reserved: Sequence[str] = (),
+    technique: str = "",
+) -> list[str]:
+    """One problem line per pydantic error, located under ``prefix``.
+
+    An unknown key gets a did-you-mean among the keys of ``model`` at that place (and the
+    table's ``reserved`` keys), or the list of them when none is close; ``technique`` names the
+    technique whose parameters they are, for the hint ``artplug list NAME``.
+    """
     lines = []
     for error in exc.errors():
         loc = ".".join(str(part) for part in error["loc"])
         message = error["msg"]
         if error["type"] == "extra_forbidden":
-            message = "unknown key (not a parameter here)"
+            message = "unknown key" + _unknown_key_hint(model, error["loc"], reserved, technique)
         elif error["type"].endswith("_type"):
             # Strict validation refuses "1" for an integer: say what was given, as TOML.
             message += f" (got {_describe(error['input'])})"
         where = f"{prefix}.{loc}" if loc else prefix
         lines.append(f"{where}: {message}")
     return lines
+
+
+def _unknown_key_hint(
+    model: type[BaseModel] | None,
+    loc: Sequence[int | str],
+    reserved: Sequence[str],
+    technique: str,
+) -> str:
+    """`` (did you mean 'x'?)`` for the unknown key at ``loc``, else the keys allowed there."""
+    known = _keys_at(model, loc[:-1]) if model is not None else None
+    if known is None:
+        return " (not a parameter here)"
+    if not loc[:-1]:
+        known = [*known, *reserved]
+    hint = did_you_mean(str(loc[-1]), known)
+    if hint:
+        return hint
+    if not known:
+        return " (no keys are allowed here)"
+    more = f"; 'artplug list {technique}' explains them" if technique else ""
+    return f" (allowed here: {', '.join(known)}{more})"
+
+
+def _keys_at(model: type[BaseModel], path: Sequence[int | str]) -> list[str] | None:
+    """The field names of the (nested) model at ``path`` inside ``model``; None if not one."""
+    current: type[BaseModel] | None = model
+    for part in path:
+        info = current.model_fields.get(str(part)) if current is not None else None
+        if info is None:
+            return None
+        current = _model_in(info.annotation)
+    return list(current.model_fields) if current is not None else None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``Sub`` or ``Sub | None``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 _TOML_TYPES = ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"))
@@ -858,6 +1305,16 @@ def _toml_key(key: str) -> str:
 
 
 _BARE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def toml_value(value: Any) -> str:
+    """``value`` (plain data: bool, int, float, str, list, dict) written as a TOML value."""
+    return _toml_value(value)
+
+
+def toml_key(key: str) -> str:
+    """``key`` as a TOML key: bare when it can be, else a quoted string."""
+    return _toml_key(key)
 
 
 def _toml_value(value: Any) -> str:

@@ -36,6 +36,12 @@ class Entry:
         """The first line of the class docstring."""
         return (inspect.getdoc(self.cls) or "").strip().splitlines()[0]
 
+    @property
+    def paper(self) -> str:
+        """The class's optional ``paper`` attribute: the publication it implements, or ``""``."""
+        paper = getattr(self.cls, "paper", "")
+        return paper if isinstance(paper, str) else ""
+
 
 class Registry:
     """All techniques of one kind, keyed by their ``name``."""
@@ -75,6 +81,9 @@ class Registry:
             )
         if not (inspect.getdoc(cls) or "").strip():
             raise PluginError(f"{label}: needs a docstring (its first line is shown by 'list')")
+        paper = getattr(cls, "paper", "")
+        if not isinstance(paper, str):
+            raise PluginError(f"{label}: 'paper' must be a string (the publication), got {paper!r}")
         for method in REQUIRED_METHODS[self.kind]:
             if not callable(getattr(cls, method, None)):
                 raise PluginError(f"{label}: missing method {method}()")

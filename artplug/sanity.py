@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from artplug import distributed
 from artplug.evaluate import _resolve_device
 from artplug.kinds import Threat
 from artplug.ops import ascent_step, project, random_start
@@ -455,8 +456,13 @@ def run_sanity_gate(
     elif x.dim() != 4:
         label = f"random-search needs image inputs (N, C, H, W), got shape {tuple(x.shape)}"
     else:
-        black = random_search_accuracy(
-            model, x, y, threat, batch_size=batch_size, seed=seed, device=dev
+        xs, ys = _part(x, y)
+        black = distributed.mean_over_ranks(
+            random_search_accuracy(
+                model, xs, ys, threat, batch_size=batch_size, seed=seed, device=dev
+            ),
+            len(xs),
+            n,
         )
         label = f"random-search ({RANDOM_SEARCH_QUERIES} queries)"
     results["black_box_vs_white_box"] = check_black_box(white, black, tolerance, label)
@@ -488,9 +494,24 @@ def run_sanity_gate(
     )
 
     announce("art_clean_matches_engine")
-    engine_clean = clean_accuracy(model, x, y, batch_size=batch_size, device=dev)
+    xs, ys = _part(x, y)
+    engine_clean = distributed.mean_over_ranks(
+        clean_accuracy(model, xs, ys, batch_size=batch_size, device=dev), len(xs), n
+    )
     results["art_clean_matches_engine"] = check_art_clean(acc["clean"], engine_clean, n)
     return [results[name] for name in CHECKS]
+
+
+def _part(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """This rank's part of the examples in a distributed run (all of them otherwise).
+
+    The attack table shards itself (:func:`artplug.evaluate.evaluate_detailed`); the gate's
+    own eval-mode measures (random search, clean accuracy) use this part and combine the
+    counts with :func:`artplug.distributed.mean_over_ranks`. The train-mode PGD check is not
+    sharded: with synchronised BatchNorm every rank must run the same number of batches.
+    """
+    part = distributed.eval_part(len(x))
+    return (x, y) if part is None else (x[part], y[part])
 
 
 def _pct(value: float) -> str:

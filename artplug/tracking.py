@@ -81,6 +81,27 @@ _SYNC_HTTP = {
 # How long the tracker leaves an unreachable store alone before it tries one call again.
 OFFLINE_RETRY_S = 120.0
 
+# The experiment tag MLflow 3's UI reads to decide what an experiment is (its React source:
+# ExperimentKind). Without it MLflow 3.0-3.x guesses, and may open an artplug experiment on an
+# empty GenAI "overview" page; "custom_model_development" opens it on its runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI ignores that tag: a global GenAI / "Model training" switch (top left, kept
+# in the browser, GenAI at first) decides, and a `workflowType` query parameter in the link
+# sets it. Every link artplug prints carries it.
+UI_QUERY = "workflowType=machine_learning"
+_MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"
+# A saved view of the runs table, stored in the experiment as MLflow's UI stores a shared view
+# (tag "mlflow.sharedViewState.<key>", opened by "?viewStateShareKey=<key>"): the test
+# accuracies, techniques, dataset, threat and description as columns. Without it the table
+# shows only run names and dates, and each user must pick the columns by hand.
+VIEW_KEY = "artplug"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+# The run description MLflow's UI shows on the run page and in the runs table (Markdown).
+NOTE_TAG = "mlflow.note.content"
+# One tag with every loaded plugin's version ("name==version, ..."), not one tag per plugin.
+PLUGINS_TAG = "artplug.plugins"
+
 # Keys MLflow accepts everywhere: its own check also allows ':' except on Windows servers, and
 # any Unicode word character; plain ASCII keeps keys portable across stores and platforms.
 _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -400,9 +421,11 @@ class MlflowTracker:
             )
             return f"{where} (tracking stopped early, MLflow offline: {self._outage}{later})"
         if uri.startswith(("http://", "https://")):
-            link = f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
-            return f"{where}; open: {link}"
-        return f"{where}; open with: mlflow ui --backend-store-uri {uri}"
+            run_link, table = ui_links(uri, str(self.experiment_id), self.run_id)
+            return f"{where}; open: {run_link} (all runs: {table})"
+        # `mlflow ui` serves on 127.0.0.1:5000 unless told otherwise.
+        _, table = ui_links(_MLFLOW_UI_DEFAULT, str(self.experiment_id))
+        return f"{where}; open with: mlflow ui --backend-store-uri {uri}, then {table}"
 
     # -- logging ---------------------------------------------------------------------------
 
@@ -698,7 +721,11 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            return str(client.create_experiment(name, artifact_location=artifact_location))
+            return str(
+                client.create_experiment(
+                    name, artifact_location=artifact_location, tags=experiment_tags()
+                )
+            )
         except MlflowException:
             # Another process created it in the meantime (a server store, where the file lock
             # of a local store does not reach): "already exists", so look it up again.
@@ -711,7 +738,61 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
             f"(mlflow experiments restore --experiment-id {found.experiment_id}) or choose "
             "another experiment name"
         )
+    for key, value in experiment_tags().items():
+        if key not in (found.tags or {}):
+            # An experiment made before artplug tagged them (or by other code): tag it once. A
+            # kind or view someone chose is left alone; a store that refuses still takes the run.
+            with contextlib.suppress(MlflowException):
+                client.set_experiment_tag(found.experiment_id, key, value)
     return str(found.experiment_id)
+
+
+def experiment_tags() -> dict[str, str]:
+    """The tags artplug gives an experiment: its kind and the runs-table view (see VIEW_TAG)."""
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: json.dumps(runs_view_state())}
+
+
+def runs_view_state() -> dict[str, Any]:
+    """The runs-table view artplug stores in each experiment, as MLflow's UI reads it.
+
+    Columns: ``test/clean_acc`` and ``test/worst_acc`` (the headline numbers), the tag
+    ``artplug.techniques`` and the description first; then every other ``test/<attack>_acc``
+    of the attack table (the UI drops those no run has), the tag ``artplug.sanity`` and the
+    parameters ``data.dataset``, ``model.arch``, ``threat.norm``, ``threat.eps`` and
+    ``run.epochs``. Newest runs first.
+    """
+    from artplug.evaluate import ATTACKS
+
+    attacks = ["clean", "worst", *(name for name in ATTACKS if name != "clean")]
+    metrics = [f"metrics.`test/{name}_acc`" for name in attacks]
+    tags = [f"tags.`{name}`" for name in ("artplug.techniques", "artplug.sanity")]
+    params = [
+        f"params.`{name}`"
+        for name in ("data.dataset", "model.arch", "threat.norm", "threat.eps", "run.epochs")
+    ]
+    description = "attributes.`Description`"
+    # The headline first, so that a narrow window shows it without scrolling: clean and worst
+    # accuracy, the techniques, the description; then every other attack and the parameters.
+    columns = [*metrics[:2], tags[0], description, *metrics[2:], tags[1], *params]
+    widths = {column: 110 for column in metrics} | {description: 420, tags[0]: 170}
+    return {
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "columnWidths": widths,
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+    }
+
+
+def ui_links(base: str, experiment_id: str, run_id: str | None = None) -> tuple[str, str]:
+    """Links into MLflow's UI at ``base``: (the run's page, the experiment's runs table).
+
+    Both open in MLflow's "Model training" mode (:data:`UI_QUERY`); the table opens with
+    artplug's columns (:data:`VIEW_KEY`). Without ``run_id`` the first is the table too.
+    """
+    root = f"{base.rstrip('/')}/#/experiments/{experiment_id}"
+    table = f"{root}/runs?viewStateShareKey={VIEW_KEY}&{UI_QUERY}"
+    return (f"{root}/runs/{run_id}?{UI_QUERY}" if run_id else table), table
 
 
 def _user() -> str | None:
@@ -825,18 +906,17 @@ def provenance_tags(*, device: str, plugins: Mapping[str, str]) -> dict[str, str
     """Tags that say what produced a run.
 
     ``plugins`` maps each plugin distribution name to its version. The result holds
-    ``artplug.version``, ``artplug.plugin.<name>``, ``torch.version``, ``torch.cuda`` (the CUDA
-    version torch was built with, or ``none``), ``device`` (``cpu``, or the GPU's name for a
-    CUDA device), and, inside a git work tree, ``git.commit``, ``git.dirty`` and MLflow's own
-    ``mlflow.source.git.commit``.
+    ``artplug.version``, ``artplug.plugins`` (every plugin as ``name==version``, sorted, comma
+    separated: one tag however many plugins are installed), ``torch.version``, ``torch.cuda``
+    (the CUDA version torch was built with, or ``none``), ``device`` (``cpu``, or the GPU's
+    name for a CUDA device), and, inside a git work tree, ``git.commit``, ``git.dirty`` and
+    MLflow's own ``mlflow.source.git.commit``.
     """
     import torch
 
     from artplug import __version__
 
-    tags = {"artplug.version": __version__}
-    for name, version in sorted(plugins.items()):
-        tags[f"artplug.plugin.{name}"] = version
+    tags = {"artplug.version": __version__, PLUGINS_TAG: plugins_text(plugins)}
     tags["torch.version"] = str(torch.__version__)
     tags["torch.cuda"] = torch.version.cuda or "none"
     tags["device"] = device
@@ -852,6 +932,67 @@ def provenance_tags(*, device: str, plugins: Mapping[str, str]) -> dict[str, str
         if status is not None:
             tags["git.dirty"] = "true" if status.strip() else "false"
     return tags
+
+
+def plugins_text(plugins: Mapping[str, str]) -> str:
+    """``{"b": "2", "a": "1"}`` as ``a==1, b==2``: the value of the ``artplug.plugins`` tag."""
+    return ", ".join(f"{name}=={version}" for name, version in sorted(plugins.items())) or "none"
+
+
+def creation_note(tracker: object) -> str | None:
+    """The description a tracker was given for its run at creation (``artplug rerun``), if any."""
+    tags = getattr(tracker, "initial_tags", None)
+    note = tags.get(NOTE_TAG) if isinstance(tags, Mapping) else None
+    return str(note) if note else None
+
+
+def _percent(value: float) -> str:
+    return f"{100.0 * value:.1f}%" if math.isfinite(value) else str(value)
+
+
+def run_description(
+    recipe: Any,
+    *,
+    eval_norm: str,
+    eval_eps: float,
+    results: Mapping[str, float] | None = None,
+    n_examples: int | None = None,
+    sanity: str | None = None,
+    complete: bool = True,
+    note: str | None = None,
+) -> str:
+    """The run's description (the ``mlflow.note.content`` tag): Markdown, the summary first.
+
+    The first line says what ran: techniques, dataset and model, threat (the evaluation eps,
+    and the training one when it differs) and epochs; with ``results`` (the final test
+    accuracies) it goes on with them (``worst`` included) and the sanity gate's summary, so
+    that the runs table and the run page show the headline numbers without opening the
+    metrics. ``note`` (a description given when the run was created, e.g. by ``artplug
+    rerun``) follows as a second paragraph. ``recipe`` is a
+    :class:`~artplug.recipe.ResolvedRecipe`.
+    """
+    from artplug.evaluate import eps_text
+
+    threat = f"{eval_norm} eps={eps_text(eval_eps)}"
+    if float(recipe.threat.eps) != float(eval_eps) or recipe.threat.norm != eval_norm:
+        threat += f" (trained at {recipe.threat.norm} eps={eps_text(recipe.threat.eps)})"
+    epochs = int(recipe.run.epochs)
+    parts = [
+        recipe.summary() or "no technique",
+        f"{recipe.data.dataset} ({recipe.model.arch})",
+        threat,
+        f"{epochs} epoch{'s' if epochs != 1 else ''}",
+    ]
+    line = " · ".join(parts)
+    if results:
+        where = f"test, {n_examples} examples" if n_examples else "test"
+        accuracies = ", ".join(f"{name} {_percent(acc)}" for name, acc in results.items())
+        line += f" — {where}: {accuracies}"
+        if sanity:
+            line += f" · sanity gate {sanity}"
+        if not complete:
+            line += " · training cut short (max_steps)"
+    return f"{line}\n\n{note}" if note else line
 
 
 @contextlib.contextmanager

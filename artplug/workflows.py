@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import artplug
-from artplug import engine
+from artplug import distributed, engine
 from artplug.display import Display
 from artplug.engine import Components, Training, model_is_finite
 from artplug.errors import ArtplugError, CheckpointError, DivergenceError, did_you_mean
@@ -51,6 +51,11 @@ Echo = Callable[..., None]
 
 def _print(message: str = "", err: bool = False) -> None:
     print(message, file=sys.stderr if err else sys.stdout)
+
+
+def _silent(message: str = "", err: bool = False) -> None:
+    """The ``echo`` of a distributed run's ranks other than 0: they print only errors, and
+    errors reach the CLI as exceptions."""
 
 
 @dataclass
@@ -89,9 +94,12 @@ def write_plots(run_dir: Path, name: str, tracker: Tracker, display: Display) ->
 
     The PNGs land in the run folder first, so they exist even when tracking is off or broken.
     Plotting is a convenience: any failure is reported (stderr, a WARNING line) and the run
-    goes on.
+    goes on. In a distributed run only rank 0 draws.
     """
     from artplug import plots
+
+    if not distributed.is_writer():
+        return []
 
     try:
         drawn = plots.plot_run(
@@ -236,6 +244,8 @@ def run_eps_curve(
         + ", ".join(f"{eps:.4g}: {100 * accuracy:.1f}%" for eps, accuracy in points)
     )
     plot = run_dir / curves.PLOT_NAME
+    if not distributed.is_writer():
+        return report  # rank 0 draws the plot
     try:
         curves.plot_curve(
             points,
@@ -374,6 +384,7 @@ def finish(c: Components, t: Training, tracker: Tracker, display: Display) -> Ru
     if settings.sanity:
         sanity, results["sanity"] = run_gate(c, tracker, display, t.log, step)
         write_eval_json(eval_path, results)
+    describe_results(c, tracker, final, results)
     if settings.eps_curve:
         results["eps_curve"] = run_eps_curve(c, run_dir, tracker, display, t.log, step)
         write_eval_json(eval_path, results)
@@ -403,6 +414,34 @@ def finish(c: Components, t: Training, tracker: Tracker, display: Display) -> Ru
         lr_multiplier=t.lr_multiplier,
         training_complete=not t.truncated,
     )
+
+
+def describe_results(
+    c: Components, tracker: Tracker, final: Mapping[str, float], report: Mapping[str, Any]
+) -> None:
+    """Rewrite the run's description (``mlflow.note.content``) with its final test results.
+
+    :func:`artplug.engine.start_tracking` wrote what the run is; this adds the accuracies of
+    the final attacks (``worst`` included) and the sanity gate's summary, so that the MLflow
+    runs table and run page show the headline numbers (:func:`artplug.tracking.run_description`).
+    """
+    from artplug.tracking import NOTE_TAG, creation_note, run_description
+
+    if tracker.run_id is None:
+        return
+    sanity = report.get("sanity")
+    threat = c.eval_threat
+    note = run_description(
+        c.recipe,
+        eval_norm=threat.norm,
+        eval_eps=threat.eps,
+        results=final,
+        n_examples=report.get("n_examples"),
+        sanity=sanity.get("summary") if isinstance(sanity, Mapping) else None,
+        complete=bool(report.get("training_complete", True)),
+        note=creation_note(tracker),
+    )
+    tracker.set_tags({NOTE_TAG: note})
 
 
 def resolve_saved(
@@ -499,6 +538,26 @@ def load_resumable(
     return path, payload
 
 
+def check_world_size(path: Path, payload: Mapping[str, Any], world_size: int | None = None) -> None:
+    """Refuse (ResumeError) to continue a checkpoint with another number of processes.
+
+    ``world_size``: the processes that will continue it (default: this run's, from torchrun's
+    environment). Each rank continues its own random streams, which the checkpoint holds for
+    the world size that wrote it; ``--fork`` starts a new run from it with any number.
+    """
+    from artplug.errors import ResumeError
+
+    saved = int(payload.get("world_size", 1))
+    now = world_size if world_size is not None else distributed.env_world_size()
+    if saved != now:
+        launch = f"--nproc {saved}" if saved > 1 else "one process (no --nproc, no torchrun)"
+        raise ResumeError(
+            f"refused: {path} was written by a run of {saved} process(es), this one has {now}; "
+            f"resume it with {launch}, or use 'artplug resume --fork {shlex.quote(str(path))}' "
+            "to start a new run from it"
+        )
+
+
 def _resume_command(run_dir: Path, no_track: bool) -> str:
     """The exact command that continues the run in ``run_dir``."""
 
@@ -520,8 +579,13 @@ def run_recipe(
     tags: Mapping[str, str] | None = None,
     record_failure: bool = False,
     echo: Echo = _print,
+    on_finished: Callable[[Components, RunResult], None] | None = None,
 ) -> str | None:
     """Train, evaluate and track one resolved recipe; print the results; return the run id.
+
+    ``on_finished(components, result)`` is called once a run has finished and its tracking
+    ended, before the results are printed: :func:`artplug.train` (:mod:`artplug.api`) takes
+    the trained model and the results from there.
 
     ``tracking_uri`` overrides the recipe's; ``parent_run_id`` and ``tags`` go to the new
     MLflow run (``artplug sweep``, ``artplug rerun``). With ``record_failure`` a run that fails
@@ -541,6 +605,13 @@ def run_recipe(
 
     display = Display(enabled=not quiet)
     continuing = resume is not None and not fork
+    # A distributed run (torchrun): rank 0 writes the run folder, MLflow and the output; the
+    # other ranks compute alongside it, silently, with a private scratch folder.
+    writer = distributed.is_writer()
+    if not writer:
+        display, echo, no_track = Display(enabled=False), _silent, True
+    if continuing and resume:
+        check_world_size(resume[0], resume[1])
     run_tags = dict(tags or {})
     if resume is not None and fork:
         run_tags[FORKED_FROM_TAG] = str(resume[1].get("tracking_run_id") or "")
@@ -560,13 +631,15 @@ def run_recipe(
     run_dir: Path | None = None
     created = False
     status = "FAILED"
-    stop = StopRequest()
+    stop = distributed.make_stop()  # every rank of a distributed run stops at the same step
     try:
         with stop_on_signals(stop):
             components = engine.build(resolved)
             # The folder is made only once the components are built, so that a recipe that
             # cannot be built (dataset missing, bad plugin) leaves no empty run folder.
-            if continuing and resume:
+            if components.world is not None and not components.world.writer:
+                run_dir = distributed.scratch_dir(components.world)
+            elif continuing and resume:
                 run_dir = resume[0].parent
             else:
                 run_dir = engine.make_run_dir(resolved)
@@ -608,8 +681,16 @@ def run_recipe(
                 stop=stop,
             )
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        distributed.hold_signals()  # a distributed rank records its end, undisturbed
         status = "KILLED"
+        # torchrun stops every rank with a signal when one of them failed: that is a failure.
+        peer = distributed.peer_failure(exc)
+        if peer is not None:
+            status = "FAILED"
+            if tracker.run_id is not None:
+                tracker.set_tags({ERROR_TAG: one_line(peer)})
+            raise peer from None
         if run_dir is not None and (run_dir / CHECKPOINT_NAME).exists():
             command = _resume_command(run_dir, no_track)
             if tracker.run_id is not None:
@@ -617,13 +698,21 @@ def run_recipe(
             echo(f"to continue this run: {command}", err=True)
         raise
     except Exception as exc:
+        distributed.hold_signals()
+        # In a distributed run a rank's failure breaks every other rank's next collective:
+        # the first failure is reported (torchrun's store) and named by the others.
+        peer = distributed.peer_failure(exc)
+        if peer is None:
+            distributed.report_failure(one_line(exc))
         if record_failure and tracker.run_id is None:
             # Failed before engine.start_tracking: open the run now so the failure is on record.
             with contextlib.suppress(ArtplugError):
                 tracker.start()
                 tracker.log_params(resolved.to_dict())
         if tracker.run_id is not None:
-            tracker.set_tags({ERROR_TAG: one_line(exc)})
+            tracker.set_tags({ERROR_TAG: one_line(peer if peer is not None else exc)})
+        if peer is not None:
+            raise peer from exc
         raise
     finally:
         if status != "FINISHED" and run_dir is not None:
@@ -639,6 +728,8 @@ def run_recipe(
                         )
                 display.line(f"run {status.lower()}; its files are kept in {run_dir}")
         tracker.end(status)  # type: ignore[arg-type]
+    if on_finished is not None:
+        on_finished(components, result)
     echo(
         format_table(
             result.final,
@@ -819,12 +910,17 @@ def evaluate_payload(
     attacks, curve) as overrides. Numbers at another eps than the run's are logged under their
     own keys, so they never overwrite the run's own.
     """
+    import dataclasses
     import tempfile
     from datetime import datetime
 
     from artplug import checkpoint as ckpt
     from artplug.evaluate import format_table
 
+    if not distributed.is_writer():
+        # Sharded evaluation (torchrun): rank 0 writes eval.json, logs and prints.
+        options = dataclasses.replace(options, no_track=True, out=None, quiet=True)
+        checkpoint_dir, echo = None, _silent
     ckpt.check_payload(payload, source, "eval")
     overrides = list(options.overrides)
     if options.eps is not None:

@@ -383,8 +383,9 @@ class ARTContender:
         # examples makes it do the engine's number of batches and examples per epoch.
         x, y = c.data.train
         keep = min(len(x), len(c.train_loader) * s.batch_size)
-        self.x_np = x[:keep].numpy()
-        self.y_np = y[:keep].numpy()
+        # .cpu(): the synthetic dataset is generated on the training device.
+        self.x_np = x[:keep].cpu().numpy()
+        self.y_np = y[:keep].cpu().numpy()
 
     def reset(self) -> None:
         """Back to the initial weights and an empty optimizer state."""

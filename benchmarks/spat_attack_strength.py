@@ -2,12 +2,13 @@
 
 Trains the digits PGD-AT twin (``recipes/digits/pgd_at.toml``) for a few epochs through
 artplug's engine, then attacks the digits test split with ``pgd`` and with the ``spat``
-perturbation (old default: the mask shrinks the step, ``keep_budget = false``; new default: the
-masked step is rescaled to the full step size, ``keep_budget = true``), all with the same
+perturbation (old default: the mask shrinks the step, ``keep_budget = false``; default: the
+masked step is rescaled to the unmasked step's movement after projection,
+``keep_budget = true``), all with the same
 steps, step size, eps and seed, in eval mode. Prints a markdown table of accuracies (lower =
 stronger attack) and the mean L-inf / L2 size of the final perturbation.
 
-    python benchmarks/spat_attack_strength.py --threads 1 [--epochs 8] [--steps 5,10]
+    python benchmarks/spat_attack_strength.py --threads 1 [--epochs 8] [--steps 5,10,20]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> spat parameters (besides steps / step_size, which every contender shares).
 SPAT_VARIANTS: dict[str, dict[str, Any]] = {
     "spat, keep_budget=false (old default)": {"keep_budget": False},
-    "spat, keep_budget=true (new default)": {"keep_budget": True},
+    "spat, keep_budget=true (default)": {"keep_budget": True},
     # The shared map divided by its maximum: the masked step rescaled to max|step| = step size
     # (its L-inf size); the rescaling that was tried first and rejected as too weak.
     "spat, renormalize=true, keep_budget=false": {"renormalize": True, "keep_budget": False},
@@ -45,7 +46,9 @@ SPAT_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def train(epochs: int, threads: int, out: str) -> tuple[nn.Module, Tensor, Tensor, float]:
+def train(
+    epochs: int, threads: int, out: str, seed: int = 0
+) -> tuple[nn.Module, Tensor, Tensor, float]:
     """The PGD-AT digits twin trained for ``epochs`` epochs; returns model, test split, eps."""
     plugins = load_plugins(disabled=())
     recipe = load_recipe(
@@ -55,6 +58,7 @@ def train(epochs: int, threads: int, out: str) -> tuple[nn.Module, Tensor, Tenso
             f'run.out_dir="{out}"',
             'tracking.backend="none"',
             f"run.epochs={epochs}",
+            f"run.seed={seed}",
             f"run.threads={threads}",
             "eval.every_epochs=0",
             'eval.final_attacks=["clean"]',
@@ -94,17 +98,18 @@ def main() -> None:
     """Train, attack, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8, help="PGD-AT epochs (default 8)")
-    parser.add_argument("--steps", default="5,10", help="comma-separated attack step counts")
+    parser.add_argument("--steps", default="5,10,20", help="comma-separated attack step counts")
     parser.add_argument("--examples", type=int, default=0, help="test examples (0 = all)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = default)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    parser.add_argument("--train-seed", type=int, default=0, help="run.seed of the PGD-AT model")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        model, x, y, eps = train(args.epochs, args.threads, out)
+        model, x, y, eps = train(args.epochs, args.threads, out, args.train_seed)
     trained = time.perf_counter() - started
     if args.examples:
         x, y = x[: args.examples], y[: args.examples]
@@ -114,6 +119,7 @@ def main() -> None:
         f"spat attack strength: torch {torch.__version__}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"threads {torch.get_num_threads()}; digits PGD-AT twin trained {args.epochs} epochs "
+        f"with seed {args.train_seed} "
         f"({trained:.0f} s); {len(x)} test examples; L-inf eps {eps}; same random start seed "
         f"for every attack"
     )

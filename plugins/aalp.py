@@ -328,6 +328,10 @@ class GuidedDropoutTransform:
     """
 
     name = "guided-dropout"
+    paper = (
+        'S. Wu, J. Sang, K. Xu, G. Zheng, C. Xu, "Adaptive Adversarial Logits Pairing", '
+        "arXiv:2005.11904; a parametrised reading of the abstract"
+    )
     # Acts on the penultimate features: after latent sites, before the head is replaced.
     stage: ClassVar[artplug.TransformStage] = "features"
 
@@ -531,6 +535,10 @@ class AdaptiveLogitPairing:
     """
 
     name = "adaptive-logit-pairing"
+    paper = (
+        'S. Wu, J. Sang, K. Xu, G. Zheng, C. Xu, "Adaptive Adversarial Logits Pairing", '
+        "arXiv:2005.11904; a parametrised reading of the abstract"
+    )
     needs = frozenset({"clean", "adv"})
 
     class Params(artplug.Params):

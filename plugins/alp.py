@@ -62,6 +62,9 @@ class LogitPairing:
     """
 
     name = "logit-pairing"
+    paper = (
+        'H. Kannan, A. Kurakin, I. Goodfellow, "Adversarial Logit Pairing", 2018 (arXiv:1803.06373)'
+    )
     needs = frozenset({"clean", "adv"})
 
     class Params(artplug.Params):

@@ -35,6 +35,12 @@ class FGSM:
     """
 
     name = "fgsm"
+    paper = (
+        'I. J. Goodfellow, J. Shlens, C. Szegedy, "Explaining and Harnessing '
+        'Adversarial Examples", ICLR 2015 (arXiv:1412.6572); with random_start: E. '
+        'Wong, L. Rice, J. Z. Kolter, "Fast is better than free: Revisiting adversarial '
+        'training", ICLR 2020 (arXiv:2001.03994)'
+    )
 
     class Params(artplug.Params):
         """Parameters of the ``fgsm`` perturbation."""

@@ -73,6 +73,11 @@ class FreeAT:
     """
 
     name = "free"
+    paper = (
+        "A. Shafahi, M. Najibi, A. Ghiasi, Z. Xu, J. Dickerson, C. Studer, L. S. Davis, "
+        'G. Taylor, T. Goldstein, "Adversarial Training for Free!", NeurIPS 2019 '
+        "(arXiv:1904.12843)"
+    )
 
     class Params(artplug.Params):
         """Parameters of the ``free`` perturbation."""

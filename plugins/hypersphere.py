@@ -137,6 +137,10 @@ class Hypersphere:
     """
 
     name = "hypersphere"
+    paper = (
+        'T. Pang, X. Yang, Y. Dong, K. Xu, J. Zhu, H. Su, "Boosting Adversarial '
+        'Training with Hypersphere Embedding", NeurIPS 2020 (arXiv:2002.08619)'
+    )
     # Replaces the head: last, so hooks installed by earlier stages see the final modules.
     stage: ClassVar[artplug.TransformStage] = "head"
 
@@ -215,6 +219,10 @@ class HEMargin:
     """
 
     name = "he-margin"
+    paper = (
+        'T. Pang, X. Yang, Y. Dong, K. Xu, J. Zhu, H. Su, "Boosting Adversarial '
+        'Training with Hypersphere Embedding", NeurIPS 2020 (arXiv:2002.08619)'
+    )
     needs: frozenset[str]
 
     class Params(artplug.Params):

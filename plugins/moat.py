@@ -33,17 +33,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from fractions import Fraction
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F
 
-# SLAT's step and latent sites come from artplug itself (artplug/latent.py), so moat never
-# depends on the slat plugin: with slat disabled, moat still loads, and a recipe with
-# single_attack = "slat" fails at its latent-sites transform ("unknown transform"). The spat
-# sibling is imported for its Params (the sub-table is typed by them); ARTPLUG_DISABLE_PLUGINS
-# blocks a plugin's registration, not the import of its module.
-from artplug_plugins.spat import SPAT
+# SLAT's step and latent sites come from artplug itself (artplug/latent.py), and the SPAT-like
+# stage is the registered ``spat`` perturbation, looked up by name (artplug.technique): moat
+# imports no other plugin, so with slat or spat disabled moat still loads, and a recipe that
+# delegates to the missing one fails validation with one line naming it.
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
@@ -105,6 +103,10 @@ class MOAT:
     """
 
     name = "moat"
+    paper = (
+        'X. Wang, C. Song, L. Wang, K. He, "Multi-stage Optimization based Adversarial '
+        'Training", arXiv:2106.15357 (2021); a parametrised reading of the abstract'
+    )
 
     class Params(artplug.Params):
         """Parameters of the ``moat`` perturbation."""
@@ -145,10 +147,12 @@ class MOAT:
             gt=0,
             description="pgd step in pixel units; None means eps / 4 (with 'spat': spat.step_size)",
         )
-        spat: SPAT.Params | None = Field(
+        spat: dict[str, Any] | None = Field(
             None,
             description="parameters of the spat perturbation for multi_attack = 'spat' "
-            "(a sub-table, e.g. spat = { steps = 5 }); None means spat's defaults",
+            "(a sub-table, e.g. spat = { steps = 5 }, checked against spat's own parameters "
+            "when the recipe is validated; 'artplug list spat' lists them); None means "
+            "spat's defaults",
         )
         clean_fraction: float = Field(
             0.0,
@@ -184,6 +188,18 @@ class MOAT:
                     "multi_step_size is the pgd step; with multi_attack = 'spat' set "
                     "spat = { step_size = ... }"
                 )
+            if self.spat is not None and self.multi_attack == "spat":
+                # Checked here too (not only in check_recipe) so that a bad sub-table is an
+                # error of these parameters wherever they are built, e.g. by a schedule.
+                try:
+                    spat_class = artplug.technique("perturbation", "spat")
+                except KeyError:
+                    pass  # check_recipe names the missing plugin with its fix
+                else:
+                    try:
+                        _spat_params(spat_class, self.spat)
+                    except ValueError as exc:
+                        problems.append(f"the spat sub-table: {_first_error(exc)}")
             if problems:
                 raise ValueError("; ".join(problems))
             return self
@@ -193,8 +209,14 @@ class MOAT:
         # The delegates are built once; generate() hands them the current sub-parameters at
         # every call, since schedules may replace self.params between steps.
         self._slat_defaults = artplug.LatentStepParams.model_validate({})
-        self._spat_defaults = SPAT.Params()
-        self._spat = SPAT(params.spat or self._spat_defaults)
+        self._spat: Any = None
+        self._spat_table: dict[str, Any] | None = None
+        if params.multi_attack == "spat":
+            # Raises KeyError (spat not installed or disabled) or ValidationError (a bad
+            # sub-table): both become one recipe error naming this perturbation.
+            spat_class = artplug.technique("perturbation", "spat")
+            self._spat = spat_class(_spat_params(spat_class, params.spat))
+            self._spat_table = params.spat
 
     def generate(self, model: nn.Module, x: Tensor, y: Tensor, state: artplug.StepState) -> Tensor:
         """Return the batch for the current stage (detached, in [0, 1], inside the ball)."""
@@ -223,8 +245,7 @@ class MOAT:
             adv = artplug.latent_sign_step(model, x_att, y_att, state, slat)
             _pad_latent_steps(sites, n_clean)
         elif stage == 2 and params.multi_attack == "spat":
-            self._spat.params = params.spat or self._spat_defaults
-            adv = self._spat.generate(model, x_att, y_att, state)
+            adv = self._spat_delegate(params).generate(model, x_att, y_att, state)
         elif threat.eps == 0:
             # Python numbers only: no host sync. The ball of radius 0 is the point x.
             return x
@@ -233,6 +254,21 @@ class MOAT:
         if n_clean == 0:
             return adv
         return torch.cat([x[:n_clean], adv]).detach()
+
+    def _spat_delegate(self, params: Params) -> Any:
+        """The spat perturbation with ``params.spat`` as its parameters.
+
+        Built on first use when a schedule switched ``multi_attack`` to spat after __init__,
+        and re-validated whenever a schedule replaced the sub-table.
+        """
+        if self._spat is None:
+            spat_class = artplug.technique("perturbation", "spat")
+            self._spat = spat_class(_spat_params(spat_class, params.spat))
+            self._spat_table = params.spat
+        elif params.spat is not self._spat_table:
+            self._spat.params = _spat_params(type(self._spat), params.spat)
+            self._spat_table = params.spat
+        return self._spat
 
     def _builtin_attack(
         self, model: nn.Module, x: Tensor, y: Tensor, threat: artplug.Threat, stage: int
@@ -282,8 +318,34 @@ class MOAT:
                 'empty); set single_attack = "slat" or drop the transform'
             )
         if params.multi_attack == "spat":
-            for reason in SPAT.check_recipe(params.spat or SPAT.Params(), recipe):
+            try:
+                spat_class = artplug.technique("perturbation", "spat")
+            except KeyError as exc:
+                yield f'multi_attack = "spat" needs the spat perturbation: {exc.args[0]}'
+                return
+            try:
+                spat_params = _spat_params(spat_class, params.spat)
+            except ValueError as exc:
+                yield f"the spat sub-table: {_first_error(exc)}"
+                return
+            for reason in spat_class.check_recipe(spat_params, recipe):
                 yield f'multi_attack = "spat" (its parameters: the spat sub-table): {reason}'
+
+
+def _spat_params(spat_class: type[Any], table: dict[str, Any] | None) -> Any:
+    """The ``spat`` sub-table validated by the registered spat perturbation's ``Params``."""
+    return spat_class.Params.model_validate(table or {})
+
+
+def _first_error(exc: ValueError) -> str:
+    """A pydantic validation error as one line: location and message of each problem."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in errors()
+        )
+    return str(exc)
 
 
 def _pad_latent_steps(sites: list[artplug.LatentSite], n_clean: int) -> None:
@@ -316,6 +378,10 @@ class MOATStages:
     """
 
     name = "moat-stages"
+    paper = (
+        'X. Wang, C. Song, L. Wang, K. He, "Multi-stage Optimization based Adversarial '
+        'Training", arXiv:2106.15357 (2021); a parametrised reading of the abstract'
+    )
 
     class Params(artplug.Params):
         """Parameters of the ``moat-stages`` schedule."""

@@ -70,6 +70,10 @@ class PGD:
     """
 
     name = "pgd"
+    paper = (
+        'A. Madry, A. Makelov, L. Schmidt, D. Tsipras, A. Vladu, "Towards Deep Learning '
+        'Models Resistant to Adversarial Attacks", ICLR 2018 (arXiv:1706.06083)'
+    )
 
     class Params(artplug.Params):
         """Parameters of the ``pgd`` perturbation."""
@@ -193,6 +197,11 @@ class CrossEntropy:
     """Cross-entropy on the adversarial (default) or clean logits, averaged over the batch."""
 
     name = "cross-entropy"
+    paper = (
+        'A. Madry, A. Makelov, L. Schmidt, D. Tsipras, A. Vladu, "Towards Deep Learning '
+        'Models Resistant to Adversarial Attacks", ICLR 2018 (arXiv:1706.06083); the '
+        "training loss of PGD-AT"
+    )
     needs: frozenset[str]
 
     class Params(artplug.Params):

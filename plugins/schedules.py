@@ -54,6 +54,10 @@ class PiecewiseLR:
     """
 
     name = "piecewise-lr"
+    paper = (
+        'default milestones: T. Pang, X. Yang, Y. Dong, H. Su, J. Zhu, "Bag of Tricks '
+        'for Adversarial Training", ICLR 2021 (arXiv:2010.00467)'
+    )
 
     class Params(artplug.Params):
         """Parameters of the ``piecewise-lr`` schedule."""
@@ -99,6 +103,10 @@ class CosineLR:
     """
 
     name = "cosine-lr"
+    paper = (
+        'I. Loshchilov, F. Hutter, "SGDR: Stochastic Gradient Descent with Warm '
+        'Restarts", ICLR 2017 (arXiv:1608.03983), without restarts'
+    )
 
     class Params(artplug.Params):
         """Parameters of the ``cosine-lr`` schedule."""
@@ -154,6 +162,11 @@ class CyclicLR:
     """
 
     name = "cyclic-lr"
+    paper = (
+        'E. Wong, L. Rice, J. Z. Kolter, "Fast is better than free: Revisiting '
+        'adversarial training", ICLR 2020 (arXiv:2001.03994); also SLAT (Park & Lee, '
+        "ICCV 2021)"
+    )
 
     class Params(artplug.Params):
         """Parameters of the ``cyclic-lr`` schedule."""
@@ -226,6 +239,10 @@ class LinearEpsWarmup:
     """
 
     name = "linear-eps-warmup"
+    paper = (
+        "eps warm-up, one of the tricks tested by T. Pang, X. Yang, Y. Dong, H. Su, J. "
+        'Zhu, "Bag of Tricks for Adversarial Training", ICLR 2021 (arXiv:2010.00467)'
+    )
 
     class Params(artplug.Params):
         """Parameters of the ``linear-eps-warmup`` schedule."""

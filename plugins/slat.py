@@ -87,6 +87,10 @@ class LatentSites:
     """
 
     name = artplug.LATENT_SITES_TRANSFORM
+    paper = (
+        'G. Park, S. Lee, "Reliably fast adversarial training via latent adversarial '
+        'perturbation", ICCV 2021 (arXiv:2104.01575)'
+    )
     # After smooth activations, before guided dropout and the hypersphere head: later
     # transforms must see, and keep, the hooked modules (docs/techniques/README.md, rule 3).
     stage: ClassVar[artplug.TransformStage] = "sites"
@@ -215,6 +219,10 @@ class Slat:
     """
 
     name = "slat"
+    paper = (
+        'G. Park, S. Lee, "Reliably fast adversarial training via latent adversarial '
+        'perturbation", ICCV 2021 (arXiv:2104.01575)'
+    )
 
     # SLAT's step lives in artplug (so moat can run it without this plugin); its parameters
     # are this perturbation's table, and moat's slat sub-table, unchanged.

@@ -307,6 +307,10 @@ class SmoothActivation:
     """
 
     name = "smooth-activation"
+    paper = (
+        'C. Xie, M. Tan, B. Gong, A. Yuille, Q. V. Le, "Smooth Adversarial Training", '
+        "arXiv:2006.14536 (2020)"
+    )
     # First: later hooks (latent sites) and heads must see the final activations.
     stage: ClassVar[artplug.TransformStage] = "activation"
 

@@ -72,10 +72,6 @@ from typing import Literal, Self
 
 import torch
 import torch.nn.functional as F
-
-# The KL objective is trades-kl's own math, imported from the sibling module: the import does
-# not need the trades *plugin* (ARTPLUG_DISABLE_PLUGINS blocks registration, not imports).
-from artplug_plugins.trades import REFERENCE_STEP_RATIO, kl_attack_start, kl_terms
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
@@ -179,20 +175,79 @@ def step_mask(
     return (shared >= tau).to(shared.dtype)
 
 
-def keep_step_budget(step: Tensor, step_size: float, norm: str) -> Tensor:
+def linf_room(x_adv: Tensor, x: Tensor, eps: float, direction: Tensor) -> Tensor:
+    """How far each element of ``x_adv`` can still move along ``sign(direction)``, ``>= 0``.
+
+    The feasible set is the L-inf ball of radius ``eps`` around ``x`` intersected with [0, 1];
+    an element moving up has ``min(x + eps, 1) - x_adv`` left, one moving down
+    ``x_adv - max(x - eps, 0)``; an element with a zero direction does not move (room 0).
+    """
+    upper = (x + eps).clamp(max=1.0) - x_adv
+    lower = x_adv - (x - eps).clamp(min=0.0)
+    room = torch.where(direction > 0, upper, torch.where(direction < 0, lower, 0.0))
+    return room.clamp_min(0.0)
+
+
+def _factor_for_movement(magnitude: Tensor, room: Tensor, target: Tensor) -> Tensor:
+    """Per row, the ``c >= 0`` with ``Σ min(c · magnitude, room) = target``, ``(N,)``.
+
+    ``magnitude`` and ``room`` are ``(N, D)`` and non-negative. The moved total is piecewise
+    linear and non-decreasing in ``c`` with breakpoints ``room / magnitude``, where an element
+    saturates; sorting them gives the exact solution (no bisection). Where even saturating every
+    element with a non-zero magnitude moves less than ``target``, ``c`` is the largest finite
+    breakpoint (everything the step can reach is reached).
+    """
+    moving = magnitude > 0
+    # Elements that never move have no breakpoint: +inf sorts them last.
+    breakpoints = torch.where(moving, room / magnitude.where(moving, 1.0), torch.inf)
+    breakpoints, order = breakpoints.sort(dim=1)
+    room_sorted = room.gather(1, order).where(breakpoints.isfinite(), 0.0)
+    magnitude_sorted = magnitude.gather(1, order)
+    # At c = breakpoints[k]: elements before k are saturated (their room), the rest move c·|s|.
+    saturated_before = room_sorted.cumsum(dim=1) - room_sorted
+    magnitude_from = magnitude_sorted.flip(1).cumsum(dim=1).flip(1)
+    moved_at = saturated_before + breakpoints.where(breakpoints.isfinite(), 0.0) * magnitude_from
+    reached = (moved_at >= target.unsqueeze(1)) & breakpoints.isfinite()
+    # The first breakpoint at which the target is reached bounds the segment that holds c.
+    first = reached.to(torch.int8).argmax(dim=1, keepdim=True)
+    found = reached.any(dim=1)
+    before = saturated_before.gather(1, first).squeeze(1)
+    rest = magnitude_from.gather(1, first).squeeze(1)
+    factor = (target - before) / rest.clamp_min(_TINY)
+    largest = breakpoints.where(breakpoints.isfinite(), 0.0).amax(dim=1)
+    return torch.where(found, factor, largest).clamp_min(0.0)
+
+
+def keep_step_budget(
+    step: Tensor,
+    step_size: float,
+    norm: str,
+    room: Tensor | None = None,
+) -> Tensor:
     """The masked ``step`` rescaled per example to the unmasked step's budget.
 
-    L-inf: the unmasked step ``step_size · sign(g)`` moves every one of the D elements by
-    ``step_size``, a total (L1 mass) of ``D · step_size``; the masked step is rescaled to that
-    total, ``step · D · step_size / Σ|step|``, so the mask redistributes PGD's movement towards
-    the shared elements instead of removing most of it. An element may then move by more than
-    ``step_size`` in one step; the projection onto the eps-ball still bounds the perturbation.
+    L-inf: the unmasked step ``step_size · sign(g)`` moves each element by ``step_size``, as far
+    as the ball and [0, 1] let it: a total movement of ``Σ min(step_size, room)`` with ``room``
+    from :func:`linf_room` (computed along ``sign(g)``; elements with ``g = 0`` have room 0).
+    The masked step is multiplied by the factor ``c`` for which it moves the same total after
+    the projection, ``Σ min(c · |step|, room)``: the mask redistributes PGD's movement towards
+    the shared elements instead of removing any of it, and movement that the projection would
+    clip away on a saturated element goes to the others. Without ``room`` (unbounded room,
+    e.g. a ball so wide that nothing saturates) this is ``step · D · step_size / Σ|step|``:
+    the same total ``D · step_size``.
     L2: the step is rescaled to L2 length ``step_size`` (``step_size · M ⊙ g / ‖M ⊙ g‖₂`` for
-    the masked unit step), the unmasked step's length. An all-zero step (a mask of zeros, or a
-    zero gradient) stays zero.
+    the masked unit step), the unmasked step's length. An all-zero step stays zero.
     """
     flat = step.flatten(1)
-    # L-inf: the unmasked step's mean |element| is step_size; L2: its length is step_size.
+    if norm == "linf" and room is not None:
+        magnitude = flat.abs()
+        room_flat = room.flatten(1)
+        # The unmasked step's movement: every element with room moves min(α, room).
+        target = room_flat.clamp(max=step_size).sum(dim=1)
+        factor = _factor_for_movement(magnitude, room_flat, target)
+        return step * factor.view(-1, *([1] * (step.dim() - 1)))
+    # L-inf without room: the unmasked step's mean |element| is step_size; L2: its length is
+    # step_size.
     size = flat.abs().mean(dim=1) if norm == "linf" else flat.norm(dim=1)
     # Where the size is zero the step is zero too, so any finite divisor leaves it zero.
     factor = step_size / size.clamp_min(_TINY)
@@ -234,6 +289,10 @@ class SPAT:
     """
 
     name = "spat"
+    paper = (
+        'W. Lee, H. Lee, S. Lee, "Semantics-Preserving Adversarial Training", '
+        "arXiv:2009.10978 (2020); a parametrised reading of the abstract"
+    )
 
     class Params(artplug.Params):
         """Parameters of the ``spat`` perturbation."""
@@ -334,13 +393,14 @@ class SPAT:
         if params.step_size is not None:
             step_size = params.step_size
         elif kl:
-            step_size = threat.eps * REFERENCE_STEP_RATIO
+            step_size = threat.eps * artplug.TRADES_STEP_RATIO
         else:
             step_size = 2.5 * threat.eps / steps
         scale = artplug.attack_logit_scale(model)
         with torch.enable_grad():
             if kl:
-                log_p, x_adv = kl_attack_start(model, x, threat, scale, params.init_std)
+                # The KL objective is trades-kl's own math, from artplug (not the trades plugin).
+                log_p, x_adv = artplug.kl_attack_start(model, x, threat, scale, params.init_std)
             elif bool(params.random_start):
                 x_adv = artplug.random_start(x, threat)
             else:
@@ -350,7 +410,7 @@ class SPAT:
                 outputs = model(x_adv)
                 logits = scale * artplug.full_precision(outputs)
                 if kl:
-                    objective = kl_terms(log_p, logits).sum(dim=1)
+                    objective = artplug.kl_terms(log_p, logits).sum(dim=1)
                 else:
                     objective = F.cross_entropy(logits, y, reduction="none")
                 heads = saliency_heads(outputs, params.saliency_on, scale)
@@ -370,7 +430,13 @@ class SPAT:
                         # most steps to a tenth: a weaker PGD rather than a redirected one.
                         # (Rescaling to max|step| = α, the L-inf size, is not enough: measured
                         # in docs/techniques/spat.md, it leaves most elements at a tenth too.)
-                        step = keep_step_budget(step, step_size, threat.norm)
+                        # The L-inf budget is counted after the projection: a budget of raw
+                        # movement (D·α) is partly clipped away on saturated elements, which
+                        # left the attack slightly weaker than PGD.
+                        room = (
+                            linf_room(x_adv, x, threat.eps, grad) if threat.norm == "linf" else None
+                        )
+                        step = keep_step_budget(step, step_size, threat.norm, room)
                 else:
                     direction = penalty_direction(grad, shared, x_adv, x, params.lam)
                     step = artplug.ascent_step(direction, step_size, threat.norm)

@@ -38,41 +38,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
 import artplug
 
-# TRADES' CIFAR-10 attack: step 0.007 at eps 0.031 (train_trades_cifar10.py).
-REFERENCE_STEP_RATIO = 0.007 / 0.031
-
-
-def kl_terms(log_p: Tensor, logits_q: Tensor) -> Tensor:
-    """The elementwise terms ``p (log p − log q)`` of ``KL(p ‖ softmax(logits_q))``, ``(N, K)``.
-
-    Summed over the classes (``dim=1``) they are each example's KL, summed over everything the
-    batch's total. ``log_p = log p``; both logarithms come from ``log_softmax``: finite, and
-    with finite gradients, even where a probability underflows to zero (``p · log p`` there is
-    ``0 · finite``, unlike ``xlogy(p, p)`` whose gradient with respect to ``p`` is 0/0 at 0).
-    """
-    return log_p.exp() * (log_p - F.log_softmax(logits_q, dim=1))
-
-
-def kl_attack_start(
-    model: nn.Module, x: Tensor, threat: artplug.Threat, scale: float, init_std: float
-) -> tuple[Tensor, Tensor]:
-    """TRADES' attack setup: the fixed target ``log softmax(s · f(x))`` and the start.
-
-    The target is computed once, without a graph, in the caller's model mode; the start is
-    ``x + init_std · N(0, I)`` projected onto the ball and [0, 1] (the KL gradient vanishes at
-    ``x' = x``). Returns ``(log_p, start)``.
-    """
-    with torch.no_grad():
-        log_p = F.log_softmax(scale * artplug.full_precision(model(x)), dim=1)
-    start = artplug.project(x + init_std * torch.randn_like(x), x, threat)
-    return log_p, start
+# TRADES' KL attack math lives in artplug (artplug/ops.py), shared with the spat plugin's KL
+# objective without one plugin importing the other; the old names stay importable from here.
+REFERENCE_STEP_RATIO = artplug.TRADES_STEP_RATIO
+kl_terms = artplug.kl_terms
+kl_attack_start = artplug.kl_attack_start
 
 
 class TradesKL:
@@ -91,6 +67,11 @@ class TradesKL:
     """
 
     name = "trades-kl"
+    paper = (
+        "H. Zhang, Y. Yu, J. Jiao, E. P. Xing, L. El Ghaoui, M. I. Jordan, "
+        '"Theoretically Principled Trade-off between Robustness and Accuracy", ICML '
+        "2019 (arXiv:1901.08573)"
+    )
 
     class Params(artplug.Params):
         """Parameters of the ``trades-kl`` perturbation."""
@@ -152,6 +133,11 @@ class TradesLoss:
     """
 
     name = "trades"
+    paper = (
+        "H. Zhang, Y. Yu, J. Jiao, E. P. Xing, L. El Ghaoui, M. I. Jordan, "
+        '"Theoretically Principled Trade-off between Robustness and Accuracy", ICML '
+        "2019 (arXiv:1901.08573)"
+    )
     needs = frozenset({"clean", "adv"})
 
     class Params(artplug.Params):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,3 +28,10 @@ def write_recipe(path: Path, **sections) -> Path:
     """Write :func:`artplug.testing.digits_recipe` with ``sections`` to ``path``."""
     path.write_text(dumps_toml(digits_recipe(**sections)))
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for servers and rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -29,7 +29,7 @@ def test_validate_prints_the_resolved_recipe(capsys):
     [
         (["validate", "missing.toml"], "Error: missing.toml: file not found"),
         (["validate", str(QUICKSTART), "--set", "optim.lr=oops"], "optim.lr: Input should be"),
-        (["list", "widgets"], "'widgets' is not one of 'perturbation'"),
+        (["list", "widgets"], "Error: no technique named 'widgets'"),
         (["frobnicate"], "Error: No such command 'frobnicate'"),
     ],
 )

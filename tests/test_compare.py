@@ -8,21 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from clitools import run_main
 
 from artplug import lab
-from artplug.cli import main
 
 EPS_8_255 = 8 / 255
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def log_run(

@@ -33,7 +33,7 @@ def _rows(x: torch.Tensor, y: torch.Tensor) -> Counter[bytes]:
 
 
 def test_datasets_constant() -> None:
-    assert DATASETS == ("digits", "mnist-5k", "cifar10", "cifar100", "svhn")
+    assert DATASETS == ("digits", "mnist-5k", "cifar10", "cifar100", "svhn", "synthetic")
 
 
 def test_digits_shapes_types_and_range(digits: DatasetSplits) -> None:

@@ -9,7 +9,6 @@ import csv
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clitools import free_port, run_main
 
 from artplug.recipe import dumps_toml
 from artplug.testing import digits_recipe
@@ -29,24 +29,6 @@ EXPERIMENT = "server-test"
 
 # In the default run (about 45 s on 2 CPU cores); `pytest -m mlflow_server` runs it alone.
 pytestmark = pytest.mark.mlflow_server
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from artplug.cli import main
-
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_healthy(url: str, server: subprocess.Popen[bytes], log: Path) -> None:

@@ -482,7 +482,7 @@ def test_resolved_recipe_with_sub_tables_round_trips(plugin_set) -> None:
     recipe = resolve(raw, plugin_set.registries, overrides=["perturbation.spat.gamma=2.0"])
     params = recipe.perturbation.params
     assert isinstance(params, MOAT.Params) and isinstance(params.slat, artplug.LatentStepParams)
-    assert params.slat.alpha == 0.8 and params.spat is not None and params.spat.gamma == 2.0
+    assert params.slat.alpha == 0.8 and params.spat is not None and params.spat["gamma"] == 2.0
     again = resolve(tomllib.loads(recipe.to_toml()), plugin_set.registries)
     assert again.perturbation.params == params
 

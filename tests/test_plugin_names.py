@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from clitools import run_main
 from test_plugin_loading import make_distribution
 
-from artplug.cli import main, make_cli
+from artplug.cli import make_cli
 from artplug.errors import PluginError, RecipeError
 from artplug.plugins import load_plugins
 from artplug.recipe import load_recipe, resolve
@@ -85,17 +86,6 @@ def rivals(outside: Path) -> Path:
     beta = _loss_module("my-loss", "BetaLoss")
     make_distribution(outside, "artplug-beta", "artplug_fake_beta", beta, hook="beta")
     return outside
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``artplug ARGS`` in-process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # (a) an outside plugin cannot take over a built-in name, whatever the load order

@@ -22,6 +22,7 @@ from artplug_plugins.spat import (
     SPAT,
     class_saliencies_and_gradient,
     keep_step_budget,
+    linf_room,
     penalty_direction,
     penalty_objective,
     saliency_heads,
@@ -315,6 +316,64 @@ def test_without_keep_budget_one_l2_step_is_the_mask_times_the_unit_l2_step() ->
     assert ((out - x).flatten(1).norm(dim=1) < alpha - 1e-3).all()
 
 
+def factor_by_bisection(magnitude: Tensor, room: Tensor, target: float) -> float:
+    """``c`` with ``Σ min(c·magnitude, room) = target`` for one example, by bisection.
+
+    An independent check of the exact sort-based solution in ``keep_step_budget``.
+    """
+    low, high = 0.0, 1e6
+    for _ in range(200):
+        middle = (low + high) / 2
+        if float(torch.minimum(middle * magnitude, room).sum()) >= target:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def test_keep_step_budget_counts_the_movement_after_projection() -> None:
+    alpha = 0.1
+    step = torch.tensor([[0.4, 0.2, 0.0, 0.2], [0.4, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    room = torch.tensor([[0.05, 0.3, 0.3, 0.3], [0.05, 0.3, 0.3, 0.3]], dtype=torch.float64)
+    # Example 0: PGD's sign step moves 0.05 + 0.1 + 0.1 + 0.1 = 0.35 after projection. The
+    # first element saturates at c = 0.125; beyond that 0.05 + 0.4 c = 0.35 gives c = 0.75.
+    # Example 1: only the first element moves, so at most 0.05: c = 0.05 / 0.4 (saturated).
+    out = keep_step_budget(step, alpha, "linf", room)
+    expected = torch.tensor([[0.3, 0.15, 0.0, 0.15], [0.05, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    moved = torch.minimum(out.abs(), room).sum(dim=1)
+    torch.testing.assert_close(moved[0], torch.tensor(0.35, dtype=torch.float64))
+
+
+def test_keep_step_budget_with_room_matches_bisection_on_random_tensors() -> None:
+    gen = torch.Generator().manual_seed(11)
+    alpha = 0.05
+    step = torch.rand(6, 1, 5, 5, generator=gen, dtype=torch.float64)
+    step = step * (torch.rand(step.shape, generator=gen) > 0.3)  # some masked-out elements
+    room = 0.1 * torch.rand(step.shape, generator=gen, dtype=torch.float64)
+    room = room * (torch.rand(step.shape, generator=gen) > 0.2)  # some saturated elements
+    out = keep_step_budget(step, alpha, "linf", room)
+    for i in range(len(step)):
+        target = float(room[i].clamp(max=alpha).sum())
+        reachable = float(room[i][step[i] > 0].sum())
+        moved = float(torch.minimum(out[i].abs(), room[i]).sum())
+        assert moved == pytest.approx(min(target, reachable), abs=1e-12)
+        if target < reachable:
+            c = factor_by_bisection(step[i].abs(), room[i], target)
+            torch.testing.assert_close(out[i], c * step[i], rtol=1e-9, atol=1e-12)
+
+
+def test_linf_room_on_fixed_tensors() -> None:
+    x = torch.tensor([[0.5, 0.95, 0.02, 0.5]], dtype=torch.float64)
+    x_adv = torch.tensor([[0.55, 0.97, 0.0, 0.4]], dtype=torch.float64)
+    direction = torch.tensor([[1.0, 1.0, -1.0, 0.0]], dtype=torch.float64)
+    # up to min(x + 0.1, 1): 0.05, 0.03; down to max(x - 0.1, 0): 0.0; zero direction: 0.
+    torch.testing.assert_close(
+        linf_room(x_adv, x, 0.1, direction),
+        torch.tensor([[0.05, 0.03, 0.0, 0.0]], dtype=torch.float64),
+    )
+
+
 @pytest.mark.parametrize("keep_budget", [True, False])
 def test_two_steps_follow_the_hand_formula_with_projection(keep_budget: bool) -> None:
     model = hand_model()
@@ -322,7 +381,6 @@ def test_two_steps_follow_the_hand_formula_with_projection(keep_budget: bool) ->
     eps, alpha = 0.05, 0.04
     threat = artplug.Threat("linf", eps)
     kept = [1, 1, 0, 1]
-    mask = budget(kept) if keep_budget else as_batch(kept, 3)
     out = attack(
         steps=2,
         step_size=alpha,
@@ -333,8 +391,23 @@ def test_two_steps_follow_the_hand_formula_with_projection(keep_budget: bool) ->
     ).generate(model, x, y, step_state(model, eps))
     expected = x
     for _ in range(2):
-        expected = artplug.project(expected + alpha * ce_grad(expected, y).sign() * mask, x, threat)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        sign = ce_grad(expected, y).sign()
+        step = alpha * sign * as_batch(kept, 3)
+        if keep_budget:
+            # Rescale each example's masked step so that, after the projection, it moves as
+            # far in total as PGD's unmasked step would (found here by bisection).
+            upper = (x + eps).clamp(max=1.0) - expected
+            lower = expected - (x - eps).clamp(min=0.0)
+            room = torch.where(sign > 0, upper, torch.where(sign < 0, lower, 0.0)).clamp_min(0)
+            for i in range(len(x)):
+                target = float(room[i].clamp(max=alpha).sum())
+                reachable = float(room[i][step[i] != 0].sum())
+                if target >= reachable:
+                    step[i] = step[i] * 1e6  # every kept element saturates
+                else:
+                    step[i] = step[i] * factor_by_bisection(step[i].abs(), room[i], target)
+        expected = artplug.project(expected + step, x, threat)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
     # The third element is never shared (min over classes 0): it never moves.
     assert torch.equal(out[:, 0, 1, 0], x[:, 0, 1, 0])
 

@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from clitools import run_main
 
 from artplug import lab
 from artplug.errors import ArtplugError
@@ -22,18 +23,6 @@ FAST_EVAL = {
     "test_examples": 16,
     "sanity": False,
 }
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from artplug.cli import main
-
-    code = 0
-    try:
-        main(args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -261,7 +261,11 @@ def test_provenance_tags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
 
     tags = provenance_tags(device="cpu", plugins={"artplug-trades": "0.3.1"})
     assert tags["artplug.version"] == __version__
-    assert tags["artplug.plugin.artplug-trades"] == "0.3.1"
+    # One tag for every plugin (not one per plugin): "name==version, ..." sorted by name.
+    assert tags["artplug.plugins"] == "artplug-trades==0.3.1"
+    assert not any(key.startswith("artplug.plugin.") for key in tags)
+    two = provenance_tags(device="cpu", plugins={"b-plugin": "2.0", "a-plugin": "1.0"})
+    assert two["artplug.plugins"] == "a-plugin==1.0, b-plugin==2.0"
     assert tags["torch.version"] == torch.__version__
     assert tags["torch.cuda"] == (torch.version.cuda or "none")
     assert tags["device"] == "cpu"

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clitools import free_port
 
 from artplug.errors import ArtplugError
 from artplug.tracking import JOURNAL_NAME, MlflowTracker, read_journal, sync_run
@@ -259,12 +259,6 @@ def test_sync_of_a_folder_without_journal_is_one_error_line(tmp_path: Path) -> N
 
 
 # -- a real server, killed in the middle of a run -------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start_server(root: Path, port: int) -> subprocess.Popen[bytes]:
