@@ -70,6 +70,42 @@ TABLES: dict[str, list[str]] = {
         )
     ],
     "mnist": ["mnist/pgd_at.toml", "mnist/trades.toml"],
+    "quickstart": ["quickstart.toml"],
+    # The outside-package example: each AWP recipe extends the twin it is read against.
+    "awp": [
+        "examples/artplug-awp/recipes/awp_pgd_at.toml",
+        "examples/artplug-awp/recipes/awp_trades.toml",
+    ],
+}
+AWP_README = ROOT / "examples" / "artplug-awp" / "README.md"
+# The file each table (and generated text) lives in; README.md unless named here.
+TARGETS: dict[str, Path] = {"awp": AWP_README, "awp-deltas": AWP_README}
+# Generated sentences: marker name -> (twin, the base it is read against) pairs.
+DELTAS: dict[str, list[tuple[str, str]]] = {
+    "he-deltas": [
+        (f"digits/he_{he}.toml", f"digits/{base}.toml")
+        for he, base in (
+            ("pgd", "pgd_at"),
+            ("trades", "trades"),
+            ("alp", "alp"),
+            ("free", "free_at"),
+            ("fast", "fast_at"),
+        )
+    ],
+    "awp-deltas": [
+        ("examples/artplug-awp/recipes/awp_pgd_at.toml", "digits/pgd_at.toml"),
+        ("examples/artplug-awp/recipes/awp_trades.toml", "digits/trades.toml"),
+    ],
+    "seed-deltas": [
+        *((f"digits/sat_{n}.toml", "digits/pgd_at.toml") for n in ("silu", "gelu", "softplus")),
+        ("digits/sat_smoothrelu.toml", "digits/pgd_at.toml"),
+        ("digits/sat_backward_only.toml", "digits/pgd_at.toml"),
+        ("digits/spat_like_pgd.toml", "digits/pgd_at.toml"),
+        ("digits/spat_like_trades.toml", "digits/trades.toml"),
+        ("digits/spat_like_he.toml", "digits/he_pgd.toml"),
+        ("digits/aalp_like.toml", "digits/alp.toml"),
+        ("digits/slat.toml", "digits/fast_at.toml"),
+    ],
 }
 # Columns of the accuracy part of a table: attack-table name -> header. A recipe that does not
 # run an attack shows "–" in its column.
@@ -90,9 +126,15 @@ def all_recipes() -> list[str]:
     return [name for names in TABLES.values() for name in names]
 
 
-def marker(table: str, end: bool = False) -> str:
-    """The HTML comment that opens (or closes) a generated table in README.md."""
-    return f"<!-- {'end ' if end else ''}generated table: {table} (benchmarks/digits_twins.py) -->"
+def recipe_path(name: str) -> Path:
+    """The file of a measured recipe: names are relative to recipes/, or to the repository
+    root for the example packages' recipes (``examples/...``)."""
+    return ROOT / name if name.startswith("examples/") else ROOT / "recipes" / name
+
+
+def marker(name: str, end: bool = False, kind: str = "table") -> str:
+    """The HTML comment that opens (or closes) a generated table (or text) in README.md."""
+    return f"<!-- {'end ' if end else ''}generated {kind}: {name} (benchmarks/digits_twins.py) -->"
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +173,19 @@ def render_table(table: str, results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def render_deltas(name: str, results: dict[str, dict[str, Any]]) -> str:
+    """One markdown list item per pair of ``DELTAS[name]``: the worst-case difference."""
+    lines = []
+    for twin, base in DELTAS[name]:
+        ours, theirs = results[twin]["worst"], results[base]["worst"]
+        delta = 100 * (ours - theirs)
+        lines.append(
+            f"- `{twin}` {_pct(ours)} % against `{base}` {_pct(theirs)} %: "
+            f"{'+' if delta >= 0 else '−'}{abs(delta):.1f} points"
+        )
+    return "\n".join(lines)
+
+
 def render_header(row: dict[str, Any]) -> list[str]:
     """The evidence block of a recipe's header (comment lines, markers included)."""
     acc = ", ".join(
@@ -156,12 +211,27 @@ def replace_between(text: str, begin: str, end: str, body: str, where: str) -> s
     return text[: start + len(begin)] + "\n" + body + "\n" + text[stop:]
 
 
-def readme_with_tables(readme: str, results: dict[str, dict[str, Any]]) -> str:
-    """README.md's text with every generated table rendered from ``results``."""
+def readme_with_tables(
+    readme: str, results: dict[str, dict[str, Any]], target: Path = README
+) -> str:
+    """The text of ``target`` (README.md by default) with its generated tables and sentences
+    rendered from ``results``."""
+    where = str(target.relative_to(ROOT))
     for table in TABLES:
-        body = render_table(table, results)
-        readme = replace_between(readme, marker(table), marker(table, end=True), body, "README.md")
+        if TARGETS.get(table, README) == target:
+            body = render_table(table, results)
+            readme = replace_between(readme, marker(table), marker(table, end=True), body, where)
+    for name in DELTAS:
+        if TARGETS.get(name, README) == target:
+            body = render_deltas(name, results)
+            begin, end = marker(name, kind="text"), marker(name, end=True, kind="text")
+            readme = replace_between(readme, begin, end, body, where)
     return readme
+
+
+def target_files() -> list[Path]:
+    """Every file that holds generated tables or sentences."""
+    return sorted({README, *TARGETS.values()})
 
 
 def recipe_with_header(text: str, row: dict[str, Any], where: str) -> str:
@@ -194,11 +264,15 @@ def write_outputs(results: dict[str, dict[str, Any]]) -> None:
     missing = [n for n in all_recipes() if n not in results]
     if missing:
         raise SystemExit(f"no result rows for {', '.join(missing)}: measure them first (--only)")
-    README.write_text(readme_with_tables(README.read_text(), results))
+    for target in target_files():
+        target.write_text(readme_with_tables(target.read_text(), results, target))
     for name in all_recipes():
-        path = ROOT / "recipes" / name
+        path = recipe_path(name)
         path.write_text(recipe_with_header(path.read_text(), results[name], str(path)))
-    print(f"wrote the tables of {README} and the evidence blocks of {len(results)} recipes")
+    print(
+        f"wrote the tables of {README} and {AWP_README.relative_to(ROOT)}, and the evidence "
+        f"blocks of {len(results)} recipes"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +323,7 @@ def measure(name: str, threads: int, where: Provenance, registries: Any) -> dict
 
     with tempfile.TemporaryDirectory() as out:
         recipe = load_recipe(
-            ROOT / "recipes" / name,
+            recipe_path(name),
             registries,
             [f'run.out_dir="{out}"', 'tracking.backend="none"', f"run.threads={threads}"],
         )
