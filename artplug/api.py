@@ -187,7 +187,8 @@ def train(
         max_steps: stop after this many optimizer steps (a smoke test; ``--max-steps``).
         threads: CPU threads torch may use (``--threads``; ``run.threads``). Process-wide, so
             it stays set after the call.
-        quiet: no progress lines (stderr) and no results table (stdout).
+        quiet: no progress lines (stderr) and no results table (stdout); warnings still go
+            to stderr.
         tracking_uri: an MLflow tracking URI instead of the recipe's.
         plugins: the plugin set to resolve techniques with; default: the installed plugins
             (:func:`artplug.plugins.load_plugins`).

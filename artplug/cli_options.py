@@ -56,8 +56,13 @@ def set_option() -> Callable[[F], F]:
 
 
 def quiet_option() -> Callable[[F], F]:
-    """``--quiet`` / ``-q``: no progress display."""
-    return click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+    """``--quiet`` / ``-q``: no progress display; warnings, errors and results still print."""
+    return click.option(
+        "--quiet",
+        "-q",
+        is_flag=True,
+        help="No progress display; warnings, errors, the results and the resume hint still print.",
+    )
 
 
 def max_steps_option(help_text: str = "Stop after N steps (smoke test).") -> Callable[[F], F]:

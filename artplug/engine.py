@@ -54,7 +54,7 @@ from artplug.costs import (
     reset_peak_memory,
 )
 from artplug.data import BatchLoader, DatasetSplits, dataset_shape, load_dataset
-from artplug.display import Display
+from artplug.display import Display, clock
 from artplug.errors import (
     ArtplugError,
     CheckpointError,
@@ -780,9 +780,7 @@ def _evaluate(
         return {}
     x, y = _first(x, y, n) if split == "test" else _subset(x, y, n, c.recipe.run.seed)
 
-    def announce(name: str) -> None:
-        display.status(f"  evaluating {split}: {name} on {len(x)} examples")
-
+    progress = _AttackProgress(display, split, attacks, len(x))
     run = evaluate_with_worst if split == "test" else evaluate
     return run(
         c.model,
@@ -793,8 +791,55 @@ def _evaluate(
         batch_size=c.recipe.eval.batch_size,
         seed=c.recipe.run.seed,
         device=c.device,
-        on_attack=announce,
+        on_attack=progress.attack,
+        # Per-batch updates only redraw a live terminal line; off a terminal they would only
+        # add lines (the status there is rate-limited plain lines).
+        on_batch=progress.batch if display.live else None,
     )
+
+
+class _AttackProgress:
+    """The status line of an evaluation: which attack, i-th of n, its batches and time so far.
+
+    ``  evaluating test: 3/5 apgd-ce on 500 examples, 120 batches, 0:42``. Batch updates are
+    redrawn at most every ``interval_s`` seconds: an attack may run thousands of small batches
+    a second, and the terminal need not see each.
+    """
+
+    def __init__(
+        self,
+        display: Display,
+        split: str,
+        attacks: list[str],
+        n_examples: int,
+        interval_s: float = 0.25,
+    ) -> None:
+        self.display, self.split, self.n_examples = display, split, n_examples
+        self.names = list(dict.fromkeys(attacks))  # the evaluation runs each entry once
+        self.interval_s = interval_s
+        self.name = ""
+        self.started = self.shown = time.monotonic()
+
+    def _head(self) -> str:
+        index = self.names.index(self.name) + 1 if self.name in self.names else 0
+        return (
+            f"  evaluating {self.split}: {index}/{len(self.names)} {self.name} on "
+            f"{self.n_examples} examples"
+        )
+
+    def attack(self, name: str) -> None:
+        """An entry starts."""
+        self.name = name
+        self.started = self.shown = time.monotonic()
+        self.display.status(self._head())
+
+    def batch(self, count: int) -> None:
+        """The entry ran its ``count``-th batch through the model."""
+        now = time.monotonic()
+        if now - self.shown < self.interval_s:
+            return
+        self.shown = now
+        self.display.status(f"{self._head()}, {count} batches, {clock(now - self.started)}")
 
 
 def evaluate_with_worst(
@@ -808,6 +853,7 @@ def evaluate_with_worst(
     seed: int = 0,
     device: torch.device | None = None,
     on_attack: Callable[[str], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Per-entry accuracies plus ``worst``: an example counts only if it survives every entry.
 
@@ -828,6 +874,7 @@ def evaluate_with_worst(
         seed=seed,
         device=device,
         on_attack=on_attack,
+        on_batch=on_batch,
     )
     # The keys are the requested entries without repeats, then "worst".
     if sum(name not in ("clean", "worst") for name in accuracies) < 2:
@@ -1095,7 +1142,9 @@ class Training:
 
     :func:`fit` drives it epoch by epoch and returns it; the workflow layer
     (:mod:`artplug.workflows`) reads from it what the final evaluation and ``eval.json`` need.
-    Everything a checkpoint stores comes from :meth:`payload` and goes back in :meth:`load`.
+    Everything a checkpoint stores comes from :meth:`payload` and goes back in :meth:`load`,
+    except the wall times of the earlier segments (``wall_segments``), read once when a run
+    resumes: a rollback restores the model, not the clock.
     """
 
     def __init__(
@@ -1107,6 +1156,8 @@ class Training:
         resume_from: Mapping[str, Any] | None,
     ) -> None:
         self.c, self.tracker, self.display, self.run_dir = c, tracker, display, run_dir
+        # This segment's clock (a resumed run has one segment per process that trained it).
+        self.started = time.perf_counter()
         recipe = c.recipe
         run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = run_dir / CHECKPOINT_NAME
@@ -1145,7 +1196,12 @@ class Training:
         self.initial_good: Mapping[str, Any] | None = None
         self.good_at: tuple[int, int] | None = None
         self.good_written = False
+        # The wall times of the earlier segments, from the checkpoint: what a resumed run's
+        # total wall time adds up (not restored by load(), which rollbacks use too).
+        self.segments_before: list[float] = []
         if resume_from is not None:
+            saved = resume_from.get("wall_segments")  # absent from older checkpoints
+            self.segments_before = [float(s) for s in saved] if isinstance(saved, list) else []
             self.load(resume_from, "checkpoint")
             self.rollbacks.extend(dict(r) for r in resume_from.get("rollbacks") or [])
             self.initial_good, self.good_at = resume_from, (self.epoch, self.step)
@@ -1159,7 +1215,7 @@ class Training:
         elif recipe.run.on_nonfinite == "rollback":
             # Before the first checkpoint a rollback goes back to the start: keep a copy of it.
             self.initial_good = copy.deepcopy(self.payload())
-        self.started = time.perf_counter()
+        self.first_step = self.step  # where this segment started, for the remaining time
 
     def load(self, payload: Mapping[str, Any], source: str) -> None:
         """Continue from ``payload``: weights, optimizer, RNG, selection, cost and position."""
@@ -1186,9 +1242,30 @@ class Training:
         payload["cost"] = self.ledger.state_dict()
         payload["lr_multiplier"] = self.lr_multiplier
         payload["rollbacks"] = [dict(r) for r in self.rollbacks]
+        payload["wall_segments"] = self.wall_segments()
         if partial is not None:
             payload["partial_epoch"] = partial
         return payload
+
+    def wall_segments(self) -> list[float]:
+        """Wall time in seconds of each segment: the earlier processes', then this one so far."""
+        return [*self.segments_before, time.perf_counter() - self.started]
+
+    def timing(self, max_steps: int | None = None) -> str:
+        """``elapsed 0:08  eta 0:34``: wall time so far (all segments) and the estimated rest.
+
+        The estimate is this segment's time per step (validation included) times the steps
+        left: to ``max_steps`` when it comes first, else to the recipe's last epoch.
+        """
+        segments = self.wall_segments()
+        text = f"elapsed {clock(sum(segments))}"
+        done = self.step - self.first_step
+        if done <= 0:  # e.g. right after a rollback to a step before this segment's start
+            return text
+        total = self.steps_per_epoch * self.c.recipe.run.epochs
+        end = min(total, max_steps) if max_steps is not None else total
+        left = max(0, end - self.step)
+        return f"{text}  eta {clock(segments[-1] / done * left)}"
 
     def start_epoch(self) -> None:
         """Reset the epoch's windows, counts and clocks (kept when resuming inside it)."""
@@ -1215,9 +1292,11 @@ class Training:
         self.log(window, at_step)
         self.windows.add(window)
         run = self.c.recipe.run
+        # The batch within the epoch, counted from the epoch's start: the global step is not
+        # epoch * steps_per_epoch after a --max-steps cut counted as an epoch.
+        batch = self.skip + at_step - self.step_before
         self.display.status(
-            f"epoch {self.windows.epoch + 1}/{run.epochs} step "
-            f"{at_step - self.windows.epoch * self.steps_per_epoch}/{self.steps_per_epoch} "
+            f"epoch {self.windows.epoch + 1}/{run.epochs} step {batch}/{self.steps_per_epoch} "
             f"loss {window['train/loss']:.4f} "
             f"adv_acc {100 * window['train/adv_acc']:.1f}% "
             f"{window['time/examples_per_s']:.0f} ex/s"
@@ -1277,7 +1356,7 @@ class Training:
             f"{run.max_rollbacks}"
         )
         self.tracker.set_tags({f"artplug.event.rollback.{len(self.rollbacks)}": event})
-        self.display.line(f"WARNING: {event}")
+        self.display.warn(event)
         return True
 
     def diverged(self, exc: DivergenceError) -> DivergenceError:
@@ -1350,7 +1429,7 @@ class Training:
             return False
         self.overfit_event = event
         self.tracker.set_tags({"artplug.event.catastrophic_overfitting": event})
-        self.display.line(f"WARNING: {event}")
+        self.display.warn(event)
         if self.c.recipe.eval.overfit_check != "stop" or not self.good_path.exists():
             return False
         good = ckpt.load(self.good_path)
@@ -1474,7 +1553,7 @@ def fit(
                 t.history.append(summary)
                 t.epoch += 1
                 t.save(improved)
-                line = _epoch_line(summary, recipe.run.epochs)
+                line = f"{_epoch_line(summary, recipe.run.epochs)}  {t.timing(max_steps)}"
                 display.line(line + ("  (best so far)" if improved else ""))
                 if watch is not None and t.watch_overfit(watch):
                     break  # the last healthy epoch is restored for the final evaluation

@@ -109,9 +109,10 @@ one forward pass; ``K`` the number of classes.
 
 Reporting: :func:`format_table` ends the printed table with :func:`summary_lines`, the strongest
 single attack and the worst case over the attacks run, plus :data:`PGD_ONLY_NOTE` when every
-attack was FGSM/PGD (:data:`PGD_FAMILY`); :func:`robustness_summary` gives the same for
-``eval.json``. Which entries a run uses by default (``[eval] final_attacks``) is decided in
-:mod:`artplug.recipe`, not here.
+attack was FGSM/PGD (:data:`PGD_FAMILY`) and :func:`black_box_note` when the black-box
+``square`` beat every white-box attack (gradient masking); :func:`robustness_summary` gives the
+strongest attack and the worst case for ``eval.json``. Which entries a run uses by default
+(``[eval] final_attacks``) is decided in :mod:`artplug.recipe`, not here.
 
 Importing this module must not import ART or mlflow (``artplug validate`` reads :data:`ATTACKS`
 and must stay light): ART is imported inside the functions that need it.
@@ -743,20 +744,45 @@ def _resolve_device(model: nn.Module, device: torch.device | None) -> torch.devi
     return torch.device("cpu")
 
 
+class _BatchCounter:
+    """Counts the model's forward passes (batches) of the entry being run, for a progress display.
+
+    ``callback(count)`` is called after every pass; :meth:`restart` sets the count back to 0
+    when the next entry starts.
+    """
+
+    def __init__(self, callback: Callable[[int], None] | None = None) -> None:
+        self.callback = callback
+        self.count = 0
+
+    def restart(self) -> None:
+        self.count = 0
+
+    def tick(self) -> None:
+        self.count += 1
+        if self.callback is not None:
+            self.callback(self.count)
+
+
 class _Plain(nn.Module):
     """A plain ``nn.Module`` around the model.
 
     ART's model wrapper runs an ``nn.Sequential`` child by child, which skips an overridden
     ``forward`` and forward hooks on the top module; behind this wrapper ART always calls the
-    model's own ``forward``.
+    model's own ``forward``. With a ``counter``, every forward pass is counted: ART batches
+    inside its attacks, and this is where each batch can be seen.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, counter: _BatchCounter | None = None) -> None:
         super().__init__()
         self.model = model
+        self.counter = counter
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        out = self.model(x)
+        if self.counter is not None:
+            self.counter.tick()
+        return out
 
 
 @contextmanager
@@ -894,7 +920,9 @@ def _make_classifier(
         )
 
 
-def _classifier(model: nn.Module, x: Tensor, device: torch.device) -> Any:
+def _classifier(
+    model: nn.Module, x: Tensor, device: torch.device, counter: _BatchCounter | None = None
+) -> Any:
     """Wrap ``model`` (already in eval mode) in an ART classifier on ``device``.
 
     Its ``predict`` remembers the logits of recent inputs (:class:`LogitMemo`): inputs ART
@@ -910,7 +938,7 @@ def _classifier(model: nn.Module, x: Tensor, device: torch.device) -> Any:
             f"the model must return logits of shape (N, classes), got {tuple(out.shape)}"
         )
     classifier = _make_classifier(
-        _Plain(model), nn.CrossEntropyLoss(), tuple(x.shape[1:]), int(out.shape[1]), device
+        _Plain(model, counter), nn.CrossEntropyLoss(), tuple(x.shape[1:]), int(out.shape[1]), device
     )
     classifier.logit_memo = LogitMemo()
     return classifier
@@ -924,6 +952,7 @@ def _session(
     device: torch.device | None,
     batch_size: int,
     seed: int,
+    counter: _BatchCounter | None = None,
 ) -> Iterator[_Context]:
     """Attack mode, private random state and the current CUDA device for one evaluation."""
     dev = _resolve_device(model, device)
@@ -931,7 +960,7 @@ def _session(
     # device, so it stays the requested one for the whole evaluation.
     on_device = torch.cuda.device(dev) if dev.type == "cuda" else nullcontext()
     with _attack_mode(model), _own_rng(dev), on_device:
-        classifier = _classifier(model, x, dev)
+        classifier = _classifier(model, x, dev, counter)
         yield _Context(
             classifier=classifier,
             threat=threat,
@@ -1026,6 +1055,7 @@ def evaluate_detailed(
     seed: int = 0,
     device: torch.device | None = None,
     on_attack: Callable[[str], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Accuracies and per-example robust masks under each requested entry, plus ``"worst"``.
 
@@ -1054,13 +1084,16 @@ def evaluate_detailed(
     if len(x) == 0:  # a rank left without examples (fewer examples than ranks)
         masks = {name: np.zeros(0, dtype=bool) for name in names}
     else:
-        with _session(model, x, threat, device, batch_size, seed) as ctx:
+        counter = _BatchCounter(on_batch) if on_batch is not None else None
+        with _session(model, x, threat, device, batch_size, seed, counter) as ctx:
             # Clean predictions are needed by every entry (misclassified examples are not
             # attacked), so they are computed once and double as the ``clean`` result.
             clean_correct: np.ndarray | None = None
             for name in names:
                 if on_attack is not None:
                     on_attack(name)
+                if counter is not None:
+                    counter.restart()
                 if clean_correct is None:
                     clean_correct = ctx.correct(x_np, y_np, pin=True)
                 _, _, masks[name] = _run_entry(ctx, name, x_np, y_np, clean_correct)
@@ -1083,6 +1116,7 @@ def evaluate(
     seed: int = 0,
     device: torch.device | None = None,
     on_attack: Callable[[str], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Accuracy in [0, 1] of ``model`` on ``(x, y)`` under each requested entry of the table.
 
@@ -1091,8 +1125,9 @@ def evaluate(
     name, in the requested order. ``batch_size`` is used for every ART attack and prediction
     (ART's own defaults, 32 or 1, waste the accelerator). ``device`` defaults to where the
     model's parameters are; ART moves the model there. ``on_attack(name)`` is called before each
-    entry starts (for a progress display). For the per-example worst case over the requested
-    entries, use :func:`evaluate_detailed`.
+    entry starts and ``on_batch(count)`` after each forward pass of the model through ART
+    (``count``: the passes of the current entry so far), for a progress display. For the
+    per-example worst case over the requested entries, use :func:`evaluate_detailed`.
 
     The model runs in eval mode; afterwards every module's training flag, every parameter's
     ``requires_grad`` and ``.grad`` are as they were. Results are reproducible for a given
@@ -1110,6 +1145,7 @@ def evaluate(
         seed=seed,
         device=device,
         on_attack=on_attack,
+        on_batch=on_batch,
     )
     accuracy.pop("worst", None)
     return accuracy
@@ -1127,6 +1163,36 @@ PGD_ONLY_NOTE = (
 """The line printed under the table when every attack run belongs to :data:`PGD_FAMILY`."""
 
 _NOT_ATTACKS = ("clean", "worst")
+
+BLACK_BOX: frozenset[str] = frozenset({"square"})
+"""Entries that query only the model's outputs, never its gradients."""
+
+ENSEMBLES: frozenset[str] = frozenset({"autoattack", "autoattack-art"})
+"""Entries that run a black-box attack among white-box ones: counted as neither."""
+
+
+def black_box_note(results: Mapping[str, float]) -> str | None:
+    """The line printed under the table when a black-box entry beats every white-box one.
+
+    A gradient-free attack should never do better than the gradient attacks on a model whose
+    gradients are informative: when it does, the gradients are masked (obfuscated) and the
+    white-box accuracies overstate robustness. ``None`` when no black-box entry, or no
+    white-box one, is in ``results``, or when some white-box entry is as strong.
+    """
+    attacks = [name for name in results if name not in _NOT_ATTACKS]
+    black = [name for name in attacks if name in BLACK_BOX]
+    white = [name for name in attacks if name not in BLACK_BOX and name not in ENSEMBLES]
+    if not black or not white:
+        return None
+    black_best = min(black, key=lambda name: results[name])
+    white_best = min(white, key=lambda name: results[name])
+    if results[black_best] >= results[white_best]:
+        return None
+    return (
+        f"WARNING: black-box {black_best} ({100 * results[black_best]:.2f}%) beats every "
+        f"white-box attack (best: {white_best}, {100 * results[white_best]:.2f}%): a sign of "
+        "gradient masking"
+    )
 
 
 def robustness_summary(results: Mapping[str, float]) -> dict[str, Any]:
@@ -1159,7 +1225,8 @@ def summary_lines(results: Mapping[str, float]) -> list[str]:
 
     ``strongest single attack: apgd-dlr (41.20%); worst case over 3 attacks: 40.80%`` when
     several attacks ran (only the first part for one), then :data:`PGD_ONLY_NOTE` when every
-    attack was FGSM/PGD; nothing when only ``clean`` ran.
+    attack was FGSM/PGD, or :func:`black_box_note` when a black-box attack beat every white-box
+    one; nothing when only ``clean`` ran.
     """
     summary = robustness_summary(results)
     strongest, worst = summary["strongest"], summary["worst"]
@@ -1169,7 +1236,9 @@ def summary_lines(results: Mapping[str, float]) -> list[str]:
     if worst is not None and len(worst["attacks"]) > 1:
         count, accuracy = len(worst["attacks"]), 100 * worst["accuracy"]
         line += f"; worst case over {count} attacks: {accuracy:.2f}%"
-    return [line, PGD_ONLY_NOTE] if summary["pgd_only"] else [line]
+    lines = [line, PGD_ONLY_NOTE] if summary["pgd_only"] else [line]
+    masking = black_box_note(results)
+    return [*lines, masking] if masking is not None else lines
 
 
 def eps_text(eps: float) -> str:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from artplug.errors import ArtplugError
+from artplug.display import clock as clock  # re-exported: the lab commands import only lab
+from artplug.errors import ArtplugError, did_you_mean
 
 # Names in the tracking store (see docs/tracking.md).
 TEST_METRIC = re.compile(r"test/(?P<attack>.+)_acc")
@@ -50,6 +52,15 @@ RERUN_TAG = "artplug.rerun_of"
 RERUN_OVERRIDES_TAG = "artplug.rerun.overrides"
 ERROR_TAG = "artplug.error"
 RECIPE_ARTIFACT = "recipe.resolved.toml"
+SANITY_TAG = "artplug.sanity"  # the gate's summary: passed, FAILED: <checks>, ERROR: <why>
+SANITY_PASSED_METRIC = "sanity/passed"  # 1 or 0; with the sanity.<check> tags (pass, fail, ...)
+
+GATE_NOT_RUN = "not run"
+GATE_ERROR = "error"  # the gate itself failed to run (its traceback went to the run's stderr)
+
+RECIPE_EXPERIMENTS = ("artplug-quickstart", "artplug-digits", "artplug-mnist", "artplug-cifar10")
+"""The ``[tracking] experiment`` values of the recipes shipped in recipes/: with the default
+experiment, what a bare ``artplug compare`` looks for (tests/test_compare.py keeps it in step)."""
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -87,6 +98,13 @@ class RunRow:
     backward_per_example: float | None = None
     train_s: float | None = None
     grid: dict[str, str] = field(default_factory=dict)
+    gate: str = GATE_NOT_RUN
+    experiment: str = ""
+
+    @property
+    def gate_failed(self) -> bool:
+        """Whether the run failed the sanity gate (its robust accuracy may be overstated)."""
+        return self.gate.startswith("FAILED")
 
     @property
     def score(self) -> tuple[float | None, str]:
@@ -141,8 +159,33 @@ def _techniques(params: Mapping[str, str], tags: Mapping[str, str]) -> str:
     return " + ".join(stack) or "-"
 
 
-def row_from_run(run: Any) -> RunRow:
-    """Read one MLflow ``Run`` (as returned by ``MlflowClient.search_runs``) into a row."""
+def gate_of(tags: Mapping[str, str], metrics: Mapping[str, float]) -> str:
+    """The sanity gate's verdict on a run: ``passed``, ``FAILED: <checks>``, ``error``, ``not run``.
+
+    From the ``artplug.sanity`` tag, else (a run whose tags were not all written) from the
+    ``sanity/passed`` metric and the ``sanity.<check>`` tags.
+    """
+    summary = tags.get(SANITY_TAG)
+    if summary:
+        return GATE_ERROR if summary.startswith("ERROR") else summary
+    passed = metrics.get(SANITY_PASSED_METRIC)
+    if passed is None:
+        return GATE_NOT_RUN
+    if passed >= 0.5:
+        return "passed"
+    checks = sorted(
+        key.removeprefix("sanity.")
+        for key, value in tags.items()
+        if key.startswith("sanity.") and value == "fail"
+    )
+    return "FAILED: " + ", ".join(checks) if checks else "FAILED"
+
+
+def row_from_run(run: Any, experiment: str = "") -> RunRow:
+    """Read one MLflow ``Run`` (as returned by ``MlflowClient.search_runs``) into a row.
+
+    ``experiment``: the name of the run's experiment, when the caller knows it.
+    """
     params: Mapping[str, str] = run.data.params
     metrics: Mapping[str, float] = run.data.metrics
     tags: Mapping[str, str] = run.data.tags
@@ -166,6 +209,8 @@ def row_from_run(run: Any) -> RunRow:
         forward_per_example=metrics.get(FORWARD_METRIC),
         backward_per_example=metrics.get(BACKWARD_METRIC),
         train_s=metrics.get(TRAIN_TIME_METRIC),
+        gate=gate_of(tags, metrics),
+        experiment=experiment,
     )
     for key, value in metrics.items():
         match = TEST_METRIC.fullmatch(key)
@@ -188,12 +233,17 @@ def row_from_run(run: Any) -> RunRow:
     return row
 
 
-def sort_rows(rows: Iterable[RunRow]) -> list[RunRow]:
-    """Best robust accuracy first; then clean accuracy; runs without a robust score last."""
+def sort_rows(rows: Iterable[RunRow], *, by_gate: bool = True) -> list[RunRow]:
+    """Best robust accuracy first; then clean accuracy; runs without a robust score last.
 
-    def key(row: RunRow) -> tuple[int, float, float, str]:
+    ``by_gate``: runs that failed the sanity gate come after all the others, whatever their
+    accuracy (a robust accuracy under gradient masking is not a result to rank first).
+    """
+
+    def key(row: RunRow) -> tuple[bool, bool, float, float, str]:
         score, _ = row.score
         return (
+            by_gate and row.gate_failed,
             score is None,
             -(score if score is not None else 0.0),
             -(row.clean if row.clean is not None else -1.0),
@@ -217,6 +267,13 @@ class Comparison:
     hidden_parents: int = 0
     slug: str = "runs"
     uri: str = ""
+    by_gate: bool = True  # the rows are ranked with the gate's failures last
+    remarks: list[str] = field(default_factory=list)  # lines for above the table
+
+    @property
+    def several_experiments(self) -> bool:
+        """Whether the rows come from more than one experiment (then a column says which)."""
+        return len({row.experiment for row in self.rows}) > 1
 
     @property
     def attacks(self) -> list[str]:
@@ -336,26 +393,105 @@ def _find_experiment(client: Any, uri: str, name: str) -> Any | None:
     return found
 
 
+class NoRunsYet(ArtplugError):
+    """A bare ``artplug compare`` found no run in any experiment of the store.
+
+    ``experiments`` names the store's experiments (all without runs), for a message that shows
+    what is there; ``artplug compare`` prints them and exits with status 0.
+    """
+
+    def __init__(self, uri: str, experiments: list[str]) -> None:
+        self.uri = uri
+        self.experiments = experiments
+        names = ", ".join(experiments) or "none"
+        super().__init__(f"no runs to compare at '{uri}' (experiments there: {names})")
+
+
+def _active_experiments(client: Any, uri: str) -> list[Any]:
+    try:
+        return list(client.search_experiments())  # active ones only, by default
+    except Exception as exc:
+        raise _store_error(uri, "list the experiments", exc) from None
+
+
+def _has_runs(client: Any, uri: str, experiment_id: str) -> bool:
+    try:
+        return bool(client.search_runs([experiment_id], max_results=1))
+    except Exception as exc:
+        raise _store_error(uri, f"list the runs of experiment {experiment_id}", exc) from None
+
+
+def default_experiments(client: Any, uri: str) -> tuple[list[Any], list[str]]:
+    """The experiments a bare ``artplug compare`` shows, and a remark on the choice (or none).
+
+    The default experiment and those of the shipped recipes (:data:`RECIPE_EXPERIMENTS`) that
+    hold runs; when none does, the experiment of the most recent run. Raises
+    :class:`NoRunsYet` when no experiment holds a run.
+    """
+    experiments = _active_experiments(client, uri)
+    by_name = {found.name: found for found in experiments}
+    names = (default_experiment(), *RECIPE_EXPERIMENTS)
+    chosen = [
+        by_name[name]
+        for name in names
+        if name in by_name and _has_runs(client, uri, str(by_name[name].experiment_id))
+    ]
+    if chosen:
+        return chosen, []
+    ids = [str(found.experiment_id) for found in experiments]
+    try:
+        latest = (
+            client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=1)
+            if ids
+            else []
+        )
+    except Exception as exc:
+        raise _store_error(uri, "list the latest run", exc) from None
+    if not latest:
+        raise NoRunsYet(uri, sorted((found.name for found in experiments), key=str.lower))
+    (recent,) = [f for f in experiments if str(f.experiment_id) == latest[0].info.experiment_id]
+    remark = (
+        f"the experiments of plain runs and of the shipped recipes ({', '.join(names)}) have "
+        f"no runs here; showing '{recent.name}', the one with the latest run"
+    )
+    return [recent], [remark]
+
+
+def _unknown_experiment(client: Any, uri: str, name: str, state: str) -> ArtplugError:
+    """The one-line error for an experiment that does not exist, with the ones that do."""
+    names = [found.name for found in _active_experiments(client, uri)]
+    known = ", ".join(repr(n) for n in names[:12]) + (", ..." if len(names) > 12 else "")
+    return ArtplugError(
+        f"MLflow experiment {name!r} {state} at '{uri}'{did_you_mean(name, names)}; give an "
+        f"existing experiment name ({known or 'there are none'}), a run id (--run) or a "
+        "sweep's parent run id"
+    )
+
+
 def collect(
     client: Any,
     uri: str,
     experiment: str | None = None,
     run_ids: Sequence[str] = (),
     parent: str | None = None,
+    *,
+    by_gate: bool = True,
 ) -> Comparison:
     """The runs to compare, sorted: a sweep's children, an experiment's runs, or given runs.
 
     ``parent`` (a sweep's parent run id) shows its children with the grid keys as columns.
     ``experiment`` is an experiment name (or id); a run id there means that run, or its
-    children when it is a sweep's parent. ``run_ids`` adds single runs. With none of them, the
-    default experiment (:func:`default_experiment`) is shown. An experiment's sweep parents are
-    left out (they hold no results; their children are listed).
+    children when it is a sweep's parent. ``run_ids`` adds single runs. With none of them,
+    :func:`default_experiments` are shown. An experiment's sweep parents are left out (they
+    hold no results; their children are listed). ``by_gate``: runs that failed the sanity
+    gate are ranked last (:func:`sort_rows`).
     """
-    if parent is None and experiment is None and not run_ids:
-        experiment = default_experiment()
     extra = list(run_ids)
-    found: Any | None = None  # the experiment to list, when one is named
-    if experiment is not None:
+    listed: list[Any] = []  # the experiments whose runs are listed
+    remarks: list[str] = []
+    if parent is None and experiment is None and not run_ids:
+        listed, remarks = default_experiments(client, uri)
+    elif experiment is not None:
         found = _find_experiment(client, uri, experiment)
         if found is None and RUN_ID.fullmatch(experiment):
             run = get_run(client, uri, experiment)
@@ -365,15 +501,24 @@ def collect(
                 extra.insert(0, experiment)
         elif found is None or found.lifecycle_stage == "deleted":
             state = "is deleted" if found is not None else "does not exist"
-            raise ArtplugError(
-                f"MLflow experiment {experiment!r} {state} at '{uri}'; give an existing "
-                "experiment name, a run id (--run) or a sweep's parent run id"
-            )
+            raise _unknown_experiment(client, uri, experiment, state)
+        else:
+            listed = [found]
     rows: dict[str, RunRow] = {}
     grid_keys: list[str] = []
     hidden = 0
     title_parts: list[str] = []
     slug = "runs"
+    names: dict[str, str] = {}  # experiment id -> name, for the rows
+
+    def name_of(experiment_id: str) -> str:
+        if experiment_id not in names:
+            try:
+                names[experiment_id] = client.get_experiment(experiment_id).name
+            except Exception:
+                names[experiment_id] = experiment_id  # only a label: the id will do
+        return names[experiment_id]
+
     if parent is not None:
         parent_run = get_run(client, uri, parent)
         grid = _grid_of(parent_run)
@@ -391,22 +536,32 @@ def collect(
         )
         slug = f"sweep-{_slug(parent_run.info.run_name or '')}-{parent[:8]}"
         for run in children:
-            rows[run.info.run_id] = row_from_run(run)
-    if found is not None:
+            rows[run.info.run_id] = row_from_run(run, name_of(run.info.experiment_id))
+    counts: list[str] = []
+    for found in listed:
+        names[str(found.experiment_id)] = found.name
         try:
             runs = _search(client, [str(found.experiment_id)])
         except Exception as exc:
-            raise _store_error(uri, f"list the runs of experiment {experiment!r}", exc) from None
+            raise _store_error(uri, f"list the runs of experiment {found.name!r}", exc) from None
+        parents = 0
         for run in runs:
             if SWEEP_GRID_TAG in run.data.tags:
-                hidden += 1
+                parents += 1
                 continue
-            rows[run.info.run_id] = row_from_run(run)
-        title_parts.append(f"experiment '{found.name}': {_plural(len(runs) - hidden, 'run')}")
-        slug = _slug(found.name)
+            rows[run.info.run_id] = row_from_run(run, found.name)
+        hidden += parents
+        counts.append(f"'{found.name}': {_plural(len(runs) - parents, 'run')}")
+    if len(counts) == 1:
+        title_parts.append(f"experiment {counts[0]}")
+    elif counts:
+        title_parts.append(f"experiments {', '.join(counts)}")
+    if listed:
+        slug = "_".join(_slug(found.name) for found in listed)
     for run_id in extra:
         if run_id not in rows:
-            rows[run_id] = row_from_run(get_run(client, uri, run_id))
+            run = get_run(client, uri, run_id)
+            rows[run_id] = row_from_run(run, name_of(run.info.experiment_id))
     if extra:
         title_parts.append(f"{len(extra)} run(s) given")
     if not rows:
@@ -414,11 +569,13 @@ def collect(
         raise ArtplugError(f"no runs to compare ({where}) at '{uri}'")
     return Comparison(
         title="; ".join(title_parts),
-        rows=sort_rows(rows.values()),
+        rows=sort_rows(rows.values(), by_gate=by_gate),
         grid_keys=grid_keys,
         hidden_parents=hidden,
         slug=slug,
         uri=uri,
+        by_gate=by_gate,
+        remarks=remarks,
     )
 
 
@@ -464,28 +621,56 @@ def _raw(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
+# Columns of the human formats that hold results: never left out, even when every row agrees.
+_RESULT_COLUMNS = ("name", "clean", "worst")
+
+
+@dataclass
+class Table:
+    """The human formats' table: headers, cells, which columns are numbers (right-aligned).
+
+    ``constant`` holds the columns left out because every row has the same value in them
+    (header -> that value), said once above the table instead.
+    """
+
+    headers: list[str]
+    cells: list[list[str]]
+    numeric: list[bool]
+    constant: dict[str, str] = field(default_factory=dict)
+
+
 def table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]], list[bool]]:
-    """Headers, cells and which columns are numbers (right-aligned) of the human formats."""
+    """Headers, cells and which columns are numbers (right-aligned) of the human formats.
+
+    Every column; :func:`layout` leaves out those that are the same in every row.
+    """
     attacks = comparison.attacks
     mixed = {row.score[1] == "worst" for row in comparison.rows if row.score[0] is not None}
     mark_min = len(mixed) == 2  # some rows sorted by worst, others by their lowest column
     show_status = any(row.status != "FINISHED" for row in comparison.rows)
-    headers = ["name", "techniques", "data/model", "threat", "epochs"]
-    headers += comparison.grid_keys
+    several = comparison.several_experiments
+    headers = ["name", *(["experiment"] if several else [])]
+    headers += ["techniques", "data/model", "threat", "epochs", *comparison.grid_keys]
+    numeric = [False] * len(headers)
     show_worst = any(row.worst is not None for row in comparison.rows)
-    headers += ["clean", *attacks, *(["worst"] if show_worst else []), "wall", "fwd/ex", "bwd/ex"]
-    numeric = [False] * (5 + len(comparison.grid_keys))
+    headers += ["clean", *attacks, *(["worst"] if show_worst else [])]
     numeric += [True] * (len(headers) - len(numeric))
+    headers.append("gate")
+    numeric.append(False)
+    headers += ["wall", "fwd/ex", "bwd/ex"]
+    numeric += [True] * 3
     if show_status:
         headers.append("status")
         numeric.append(False)
     cells: list[list[str]] = []
     for row in comparison.rows:
         name = row.name + ("*" if mark_min and row.score[1] not in ("worst", "-") else "")
-        line = [name, row.techniques, f"{row.dataset}/{row.model}", row.threat, row.epochs]
+        line = [name, *([row.experiment] if several else [])]
+        line += [row.techniques, f"{row.dataset}/{row.model}", row.threat, row.epochs]
         line += [row.grid.get(key, "-") for key in comparison.grid_keys]
         line += [_percent(row.clean), *(_percent(row.robust.get(a)) for a in attacks)]
         line += [_percent(row.worst)] if show_worst else []
+        line.append(row.gate)
         line.append(_duration(row.wall_s))
         line += [_count(row.forward_per_example), _count(row.backward_per_example)]
         if show_status:
@@ -494,7 +679,68 @@ def table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]], list
     return headers, cells, numeric
 
 
-def _plain_table(headers: list[str], cells: list[list[str]], numeric: list[bool]) -> str:
+def layout(comparison: Comparison) -> Table:
+    """:func:`table_rows` without the columns that are the same in every row (two rows or more).
+
+    So that the table fits a terminal: a sweep's runs share their techniques, data, threat and
+    epochs, which then go into one line above the table (:func:`describe`). The accuracy
+    columns and the name always stay.
+    """
+    headers, cells, numeric = table_rows(comparison)
+    attacks = set(comparison.attacks)
+    keep = list(range(len(headers)))
+    constant: dict[str, str] = {}
+    if len(cells) > 1:
+        keep = []
+        for i, header in enumerate(headers):
+            values = {line[i] for line in cells}
+            if len(values) == 1 and header not in _RESULT_COLUMNS and header not in attacks:
+                constant[header] = next(iter(values))
+            else:
+                keep.append(i)
+    return Table(
+        [headers[i] for i in keep],
+        [[line[i] for i in keep] for line in cells],
+        [numeric[i] for i in keep],
+        constant,
+    )
+
+
+# A text column is never shortened below this many characters (its header may be longer).
+_MIN_TEXT_WIDTH = 12
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def fit_width(
+    headers: list[str], cells: list[list[str]], numeric: list[bool], width: int
+) -> list[list[str]]:
+    """``cells`` with the widest text columns cut (ending in ``…``) until the plain table is at
+    most ``width`` characters wide, or every text column but the name is down to
+    ``_MIN_TEXT_WIDTH``. Numbers and the run name are never cut: they are what a reader
+    compares and what identifies the run (csv and markdown keep every character)."""
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    cuttable = [i for i, right in enumerate(numeric) if not right and headers[i] != "name"]
+    while sum(widths) + 3 * (len(widths) - 1) > width:
+        candidates = [i for i in cuttable if widths[i] > max(_MIN_TEXT_WIDTH, len(headers[i]))]
+        if not candidates:
+            break
+        widest = max(candidates, key=lambda i: widths[i])
+        excess = sum(widths) + 3 * (len(widths) - 1) - width
+        widths[widest] = max(_MIN_TEXT_WIDTH, len(headers[widest]), widths[widest] - excess)
+    return [
+        [_shorten(value, widths[i]) if i in cuttable else value for i, value in enumerate(line)]
+        for line in cells
+    ]
+
+
+def _plain_table(
+    headers: list[str], cells: list[list[str]], numeric: list[bool], width: int | None = None
+) -> str:
+    if width is not None:
+        cells = fit_width(headers, cells, numeric, width)
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
@@ -519,7 +765,9 @@ def _markdown_table(headers: list[str], cells: list[list[str]], numeric: list[bo
 
 
 def _csv_table(comparison: Comparison) -> str:
-    """Machine-readable: fractions and seconds at full precision, empty cells when missing."""
+    """Machine-readable: every column, fractions and seconds at full precision, empty cells
+    when missing; ``gate`` as in the table (``passed``, ``FAILED: <checks>``, ``error``,
+    ``not run``)."""
     attacks = comparison.attacks
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -527,6 +775,7 @@ def _csv_table(comparison: Comparison) -> str:
         [
             "run_id",
             "name",
+            "experiment",
             "status",
             "techniques",
             "dataset",
@@ -539,6 +788,7 @@ def _csv_table(comparison: Comparison) -> str:
             "worst_acc",
             "robust_acc",
             "robust_from",
+            "gate",
             "wall_s",
             "train_s",
             "forward_per_example",
@@ -551,6 +801,7 @@ def _csv_table(comparison: Comparison) -> str:
             [
                 row.run_id,
                 row.name,
+                row.experiment,
                 row.status,
                 row.techniques,
                 row.dataset,
@@ -563,6 +814,7 @@ def _csv_table(comparison: Comparison) -> str:
                 _raw(row.worst),
                 _raw(score),
                 "" if score is None else source,
+                row.gate,
                 _raw(row.wall_s),
                 _raw(row.train_s),
                 _raw(row.forward_per_example),
@@ -572,32 +824,81 @@ def _csv_table(comparison: Comparison) -> str:
     return out.getvalue().rstrip("\n")
 
 
-def render(comparison: Comparison, fmt: Format = "table") -> str:
-    """The comparison as an aligned text table, a Markdown table or CSV (no title lines)."""
+def render(comparison: Comparison, fmt: Format = "table", width: int | None = None) -> str:
+    """The comparison as an aligned text table, a Markdown table or CSV (no title lines).
+
+    The text and Markdown tables leave out the columns every row agrees on (:func:`layout`;
+    :func:`describe` says their values); CSV keeps every column. The text table is cut to
+    ``width`` columns (default: the terminal's width, 100 off a terminal; ``COLUMNS``
+    overrides) by shortening its long text cells (:func:`fit_width`).
+    """
     if fmt == "csv":
         return _csv_table(comparison)
-    headers, cells, numeric = table_rows(comparison)
+    table = layout(comparison)
     if fmt == "markdown":
-        return _markdown_table(headers, cells, numeric)
-    return _plain_table(headers, cells, numeric)
+        return _markdown_table(table.headers, table.cells, table.numeric)
+    if width is None:
+        width = shutil.get_terminal_size((100, 24)).columns
+    return _plain_table(table.headers, table.cells, table.numeric, width)
 
 
-def describe(comparison: Comparison) -> list[str]:
-    """The lines printed above the table: what is compared and how it is sorted."""
+def describe(comparison: Comparison, fmt: Format = "table") -> list[str]:
+    """The lines printed above the table: what is compared, how it is sorted, and (text and
+    Markdown formats) the values of the columns left out because every run has the same."""
     where = f" at {comparison.uri}" if comparison.uri else ""
-    lines = [comparison.title + where, comparison.sort_note()]
+    lines = [comparison.title + where, *comparison.remarks, comparison.sort_note()]
     if comparison.hidden_parents:
         lines.append(
             f"{comparison.hidden_parents} sweep parent run(s) not shown (their runs are); "
             "artplug compare <PARENT_RUN_ID> shows one sweep's grid"
         )
+    if fmt != "csv":
+        # A column no run has a value in ("-") is left out without a word.
+        constant = {h: v for h, v in layout(comparison).constant.items() if v != "-"}
+        if constant:
+            same = ", ".join(f"{header}={value}" for header, value in constant.items())
+            lines.append(f"same for all runs: {same}")
     return lines
 
 
-def plot_chart(comparison: Comparison, path: str | Path) -> Path | None:
-    """Robust (the sort key) against clean test accuracy, one labelled point per run, as PNG.
+def notes(comparison: Comparison) -> list[str]:
+    """The lines printed under the table: which runs failed the sanity gate, and what it means."""
+    failed = sum(row.gate_failed for row in comparison.rows)
+    if not failed:
+        return []
+    runs = _plural(failed, "run")
+    their = "its" if failed == 1 else "their"
+    if comparison.by_gate:
+        ranked = "is ranked last" if failed == 1 else "are ranked last"
+        return [
+            f"{runs} failed the sanity gate and {ranked}: {their} robust accuracy may be "
+            "overstated (gradient masking)"
+        ]
+    return [
+        f"{runs} failed the sanity gate (gate column): {their} robust accuracy may be "
+        "overstated (gradient masking)"
+    ]
 
-    Returns the path, or ``None`` when no run has both numbers (nothing is written then).
+
+# How the chart draws a run, by the gate's verdict: (marker, colour, legend label).
+_CHART_STYLES = {
+    "passed": ("o", "tab:blue", "passed the sanity gate"),
+    "failed": ("X", "tab:red", "FAILED the sanity gate"),
+    "other": ("o", "tab:gray", "sanity gate not run"),
+}
+
+
+def _chart_style(row: RunRow) -> str:
+    if row.gate_failed:
+        return "failed"
+    return "passed" if row.gate == "passed" else "other"
+
+
+def chart_figure(comparison: Comparison) -> Any | None:
+    """The chart of :func:`plot_chart` as a matplotlib ``Figure`` (``None``: no point to draw).
+
+    Runs that failed the sanity gate are red crosses, runs that passed blue dots, runs without
+    a gate grey dots; a legend names the kinds present.
     """
     points = [
         (row, row.clean, row.score[0])
@@ -609,18 +910,31 @@ def plot_chart(comparison: Comparison, path: str | Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     figure = Figure(figsize=(6.5, 4.5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
+    labelled: set[str] = set()
     for row, clean, robust in points:
         assert clean is not None and robust is not None
         x, y = 100.0 * clean, 100.0 * robust
-        axes.scatter([x], [y], s=28)
+        kind = _chart_style(row)
+        marker, colour, legend = _CHART_STYLES[kind]
+        axes.scatter(
+            [x],
+            [y],
+            s=48 if kind == "failed" else 28,
+            marker=marker,
+            color=colour,
+            # One legend entry per kind: the first point of a kind carries the label.
+            label=legend if kind not in labelled else None,
+            zorder=3 if kind == "failed" else 2,
+        )
+        labelled.add(kind)
         label = ", ".join(f"{k}={v}" for k, v in row.grid.items()) if row.grid else row.name
         label = label if len(label) <= 40 else label[:39] + "…"
         axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if len(labelled) > 1 or "failed" in labelled:
+        axes.legend(fontsize=7, loc="best")
     sources = {row.score[1] for row, _, _ in points}
     if sources == {"worst"}:
         meaning = "worst case over the attacks"
@@ -639,6 +953,19 @@ def plot_chart(comparison: Comparison, path: str | Path) -> Path | None:
     axes.set_ylim(max(low_y, 0.0), min(high_y, 100.5))
     axes.grid(True, alpha=0.3)
     figure.tight_layout()
+    return figure
+
+
+def plot_chart(comparison: Comparison, path: str | Path) -> Path | None:
+    """Robust (the sort key) against clean test accuracy, one labelled point per run, as PNG.
+
+    Returns the path, or ``None`` when no run has both numbers (nothing is written then).
+    """
+    figure = chart_figure(comparison)
+    if figure is None:
+        return None
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, format="png")
     return out
 
@@ -752,6 +1079,39 @@ def combination_overrides(values: Mapping[str, str]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------
 # Re-runs
+
+# Keys that change where or how fast a run goes, not what it computes: not in a re-run's name.
+_UNNAMED_KEYS = ("run.out_dir", "run.threads", "run.device")
+
+
+def rerun_name(name: str, overrides: Sequence[str], values: Mapping[str, str]) -> str:
+    """The name of a re-run of run ``name`` with ``--set`` ``overrides``: its actual values.
+
+    ``pgd-at`` with ``--set optim.lr=0.020`` becomes ``pgd-at optim.lr=0.02``: each overridden
+    key with the value the new recipe has (``values``: its flattened params), the way a
+    sweep names its runs. A ``key=value`` part the name already has (a sweep's run, an earlier
+    re-run) is replaced, not repeated. An override of ``run.name`` itself wins; keys that do
+    not change the results (``run.threads``, ``tracking.*``, ...) are left out.
+    """
+    from artplug.recipe import _split_key
+
+    keys: list[str] = []
+    for spec in overrides:
+        key = ".".join(_split_key(spec.partition("=")[0].strip()))
+        if key == "run.name":
+            return values.get(key, name)
+        if key in _UNNAMED_KEYS or key.split(".")[0] == "tracking" or key in keys:
+            continue
+        keys.append(key)
+    if not keys:
+        return name
+    parts = [part for part in name.split(" ") if part.partition("=")[0] not in keys]
+    for key in keys:
+        # A key set to a whole table has no flattened value of its own: the text given.
+        given = next(o for o in reversed(overrides) if ".".join(_split_key(o.split("=")[0])) == key)
+        value = values.get(key, "".join(given.partition("=")[2].split()))
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
 
 
 def fetch_logged_recipe(run_id: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], Any]:

@@ -18,7 +18,6 @@ import copy
 import json
 import shlex
 import sys
-import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from torch import nn
 
 import artplug
 from artplug import distributed, engine
-from artplug.display import Display
+from artplug.display import Display, duration
 from artplug.engine import Components, Training, model_is_finite
 from artplug.errors import ArtplugError, CheckpointError, DivergenceError, did_you_mean
 from artplug.interrupt import StopRequest
@@ -71,6 +70,9 @@ class RunResult:
     ``step``, ``terms``, ``to_step``, ``lr_multiplier``) and ``lr_multiplier`` is the factor
     they left on the learning rate (``0.5 ** len(rollbacks)``). ``training_complete`` is false
     when ``max_steps`` cut training short of the recipe's epochs (``resume`` may continue it).
+    ``wall_time_s`` is the run's whole wall time: the sum of ``wall_segments`` (one per process
+    that trained it: a resumed run has several). ``steps`` are the optimizer steps done, of
+    ``total_steps`` the recipe asks for.
     """
 
     run_dir: Path
@@ -87,6 +89,10 @@ class RunResult:
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     lr_multiplier: float = 1.0
     training_complete: bool = True
+    wall_segments: list[float] = field(default_factory=list)
+    steps: int = 0
+    total_steps: int = 0
+    epochs_total: int = 0
 
 
 def write_plots(run_dir: Path, name: str, tracker: Tracker, display: Display) -> list[Path]:
@@ -106,11 +112,11 @@ def write_plots(run_dir: Path, name: str, tracker: Tracker, display: Display) ->
             plots.read_metrics(run_dir / plots.METRICS_FILE), run_dir / plots.PLOTS_DIR, name=name
         )
     except ImportError as exc:
-        display.line(f"WARNING: no plots: matplotlib is needed for them ({exc})")
+        display.warn(f"no plots: matplotlib is needed for them ({exc})")
         return []
     except Exception as exc:
         traceback.print_exc()
-        display.line(f"WARNING: the run's plots could not be drawn ({type(exc).__name__}: {exc})")
+        display.warn(f"the run's plots could not be drawn ({type(exc).__name__}: {exc})")
         return []
     if drawn:
         tracker.log_artifact(run_dir / plots.PLOTS_DIR, artifact_path=plots.PLOTS_DIR)
@@ -258,7 +264,7 @@ def run_eps_curve(
     except ImportError as exc:
         report["plot"] = None
         report["plot_error"] = f"matplotlib is needed for the plot ({exc})"
-        display.line(f"WARNING: no {curves.PLOT_NAME}: {report['plot_error']}")
+        display.warn(f"no {curves.PLOT_NAME}: {report['plot_error']}")
         return report
     report["plot"] = curves.PLOT_NAME
     tracker.log_artifact(plot)
@@ -342,13 +348,16 @@ def finish(c: Components, t: Training, tracker: Tracker, display: Display) -> Ru
         )
     display.line(f"final evaluation on {used_checkpoint} (epoch {used_epoch}): {reason}")
     final = engine.evaluate_test(c, display)
-    wall = time.perf_counter() - t.started
+    # A resumed run's wall time adds up every process that trained it.
+    segments = t.wall_segments()
+    wall = sum(segments)
     policy = t.policy
     results: dict[str, Any] = {
         "split": "test",
         **engine.final_report_fields(c, final),
         "epochs": t.epoch,
         "wall_time_s": wall,
+        "wall_segments_s": segments,
         "checkpoint": used_checkpoint,
         "checkpoint_epoch": used_epoch,
         "checkpoint_reason": reason,
@@ -413,6 +422,10 @@ def finish(c: Components, t: Training, tracker: Tracker, display: Display) -> Ru
         rollbacks=results["rollbacks"],
         lr_multiplier=t.lr_multiplier,
         training_complete=not t.truncated,
+        wall_segments=segments,
+        steps=t.step,
+        total_steps=t.steps_per_epoch * recipe.run.epochs,
+        epochs_total=recipe.run.epochs,
     )
 
 
@@ -603,7 +616,7 @@ def run_recipe(
     from artplug.interrupt import stop_on_signals
     from artplug.tracking import MlflowTracker
 
-    display = Display(enabled=not quiet)
+    display = Display(quiet=quiet)
     continuing = resume is not None and not fork
     # A distributed run (torchrun): rank 0 writes the run folder, MLflow and the output; the
     # other ranks compute alongside it, silently, with a private scratch folder.
@@ -695,6 +708,7 @@ def run_recipe(
             command = _resume_command(run_dir, no_track)
             if tracker.run_id is not None:
                 tracker.set_tags({RESUME_COMMAND_TAG: command})
+            display.clear()  # the hint must not start after a half-overwritten status line
             echo(f"to continue this run: {command}", err=True)
         raise
     except Exception as exc:
@@ -730,6 +744,7 @@ def run_recipe(
         tracker.end(status)  # type: ignore[arg-type]
     if on_finished is not None:
         on_finished(components, result)
+    display.clear()  # the table must not start after a half-overwritten status line
     echo(
         format_table(
             result.final,
@@ -745,9 +760,41 @@ def run_recipe(
             f"diverged {len(result.rollbacks)} time(s) and rolled back; the learning rate was "
             f"multiplied by {result.lr_multiplier:g}"
         )
-    echo(f"wall time {result.wall_time_s:.1f}s; files in {result.run_dir}")
+    stopped = _max_steps_line(result, max_steps, _resume_command(result.run_dir, no_track))
+    if stopped is not None:
+        echo(stopped)
+    wall = wall_time_text(result.wall_segments or [result.wall_time_s])
+    echo(f"{wall}; files in {result.run_dir}")
     echo(tracker.describe())
     return tracker.run_id
+
+
+def wall_time_text(segments: Sequence[float]) -> str:
+    """``wall time 7.4s``, or for a resumed run ``wall time 3:12 in 2 segments (1:40 + 1:32)``."""
+    text = f"wall time {duration(sum(segments))}"
+    if len(segments) > 1:
+        parts = " + ".join(duration(seconds) for seconds in segments)
+        text += f" in {len(segments)} segments ({parts})"
+    return text
+
+
+def _max_steps_line(result: RunResult, max_steps: int | None, resume: str) -> str | None:
+    """The line saying that ``--max-steps`` stopped training early, else ``None``."""
+    if max_steps is None or result.steps < max_steps or result.steps >= result.total_steps:
+        return None
+    head = f"stopped after {result.steps} of {result.total_steps} steps (--max-steps)"
+    if result.training_complete:
+        # The cut fell in the last epoch: the run counts as finished and cannot be resumed.
+        return f"{head}, in the last epoch: that epoch is incomplete; the run counts as finished"
+    steps_per_epoch = result.total_steps // max(result.epochs_total, 1)
+    if steps_per_epoch and result.steps % steps_per_epoch:
+        # The cut epoch was checkpointed as done (a --max-steps run is a smoke test, not an
+        # interruption): say so, rather than promise the rest of that epoch.
+        return (
+            f"{head}: training incomplete; {resume} continues it from epoch "
+            f"{result.epochs_done + 1} (the rest of epoch {result.epochs_done} is not trained)"
+        )
+    return f"{head}: training incomplete; {resume} continues it"
 
 
 def one_line(exc: BaseException) -> str:
@@ -932,7 +979,7 @@ def evaluate_payload(
         overrides.append(f"eval.final_attacks={json.dumps(list(dict.fromkeys(options.attacks)))}")
     overrides.append(f"eval.eps_curve={json.dumps(options.curve)}")
     resolved = resolve_saved(plugin_set, payload["recipe"], source, overrides)
-    display = Display(enabled=not options.quiet)
+    display = Display(enabled=distributed.is_writer(), quiet=options.quiet)
     components = engine.build(resolved)
     engine.load_weights(components, payload, source)
     epoch, step = int(payload.get("epoch", 0)), int(payload.get("step", 0))
@@ -984,6 +1031,7 @@ def evaluate_payload(
             # With keep_status the tracker leaves the run's status as it found it; without it,
             # the reopened run is closed as FINISHED again (never left RUNNING).
             tracker.end("FINISHED")
+    display.clear()  # the table must not start after a half-overwritten status line
     echo(format_table(accuracy, title=engine.final_table_title(components)))
     echo(f"checkpoint: {checkpoint_name} (epoch {epoch}) from {source}")
     _echo_report(report, sanity, echo)

@@ -28,6 +28,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,19 @@ def render_table(table: str, results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def render_gate_failures(results: dict[str, dict[str, Any]]) -> str:
+    """One sentence naming the measured recipes whose sanity gate failed, with the checks."""
+    failed = [(n, r["gate"]) for n, r in results.items() if r["gate"].startswith("FAILED")]
+    if not failed:
+        return f"The sanity gate passed for all {len(results)} measured recipes."
+    items = "; ".join(f"`{n}` ({g.removeprefix('FAILED: ')})" for n, g in failed)
+    return (
+        f"The sanity gate failed for {len(failed)} of the {len(results)} measured recipes: "
+        f"{items}. Their robust figures may be overstated: the gate's checks are listed in "
+        "docs/recipes.md, and the worst case over all attacks is the number to quote."
+    )
+
+
 def render_deltas(name: str, results: dict[str, dict[str, Any]]) -> str:
     """One markdown list item per pair of ``DELTAS[name]``: the worst-case difference."""
     lines = []
@@ -193,13 +207,13 @@ def render_header(row: dict[str, Any]) -> list[str]:
         for a, v in row["accuracy"].items()
         if a in ATTACK_COLUMNS
     )
-    return [
-        HEADER_BEGIN,
-        f"#   {acc}; worst case {_pct(row['worst'])} % ({row['n_examples']} test examples,",
-        f"#   {row['threat']}); sanity gate {row['gate']}; {row['wall_s']:.0f} s wall.",
-        f"#   Measured {machine_label(row)}, torch {row['measured']['torch']}.",
-        HEADER_END,
-    ]
+    text = (
+        f"{acc}; worst case {_pct(row['worst'])} % ({row['n_examples']} test examples, "
+        f"{row['threat']}); sanity gate {row['gate']}; {row['wall_s']:.0f} s wall. Measured "
+        f"{machine_label(row)}, torch {row['measured']['torch']}."
+    )
+    body = textwrap.wrap(text, width=96, initial_indent="#   ", subsequent_indent="#   ")
+    return [HEADER_BEGIN, *body, HEADER_END]
 
 
 def replace_between(text: str, begin: str, end: str, body: str, where: str) -> str:
@@ -226,6 +240,9 @@ def readme_with_tables(
             body = render_deltas(name, results)
             begin, end = marker(name, kind="text"), marker(name, end=True, kind="text")
             readme = replace_between(readme, begin, end, body, where)
+    if target == README:
+        begin, end = marker("gate", kind="text"), marker("gate", end=True, kind="text")
+        readme = replace_between(readme, begin, end, render_gate_failures(results), where)
     return readme
 
 

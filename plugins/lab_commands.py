@@ -44,6 +44,7 @@ from artplug.cli_options import (
     set_option,
 )
 from artplug.lab import FORMATS, Format
+from artplug.lab import clock as _clock
 
 
 @artplug.hookimpl
@@ -90,6 +91,14 @@ def register_commands(cli: click.Group) -> None:
 )
 @click.option("--no-chart", is_flag=True, help="Do not write the chart.")
 @click.option(
+    "--rank",
+    type=click.Choice(["gate", "accuracy"]),
+    default="gate",
+    show_default=True,
+    help="gate: runs that failed the sanity gate come last; accuracy: robust accuracy alone "
+    "(failed runs are still marked in the gate column).",
+)
+@click.option(
     "--tracking-uri",
     default=None,
     metavar="URI",
@@ -102,15 +111,28 @@ def compare(
     fmt: Format,
     chart: str | None,
     no_chart: bool,
+    rank: str,
     tracking_uri: str | None,
 ) -> None:
     """Compare tracked runs: one row per run, best robust accuracy first, and a chart.
 
-    EXPERIMENT is an MLflow experiment name (default: the one a plain `artplug run` uses,
-    'artplug'), or a sweep's parent run id to show its grid. Everything is read from the
-    tracking store (params, test/* metrics, time and cost metrics); nothing is re-evaluated.
+    EXPERIMENT is an MLflow experiment name or id, or a sweep's parent run id to show its
+    grid. Without it: the experiments of plain runs ('artplug') and of the shipped recipes
+    ('artplug-digits', 'artplug-quickstart', ...) that hold runs, else the experiment of the
+    latest run. Runs that failed the sanity gate are marked and, unless --rank accuracy,
+    ranked last. Columns every run agrees on are said once above the table (csv keeps them).
+    Everything is read from the tracking store; nothing is re-evaluated.
     """
-    _compare(experiment, list(run_ids), parent, fmt, chart, no_chart, tracking_uri)
+    _compare(
+        experiment,
+        list(run_ids),
+        parent,
+        fmt,
+        chart,
+        no_chart,
+        tracking_uri,
+        by_gate=rank == "gate",
+    )
 
 
 def _compare(
@@ -121,17 +143,35 @@ def _compare(
     chart: str | None,
     no_chart: bool,
     tracking_uri: str | None,
+    *,
+    by_gate: bool = True,
 ) -> None:
     """The body of ``artplug compare``."""
     from artplug import lab
 
     client, uri = lab.open_store(tracking_uri)
-    comparison = lab.collect(client, uri, experiment=experiment, run_ids=run_ids, parent=parent)
     # CSV goes to stdout alone, so that it can be piped; the notes then go to stderr.
     notes_to_stderr = fmt == "csv"
-    for line in lab.describe(comparison):
+    try:
+        comparison = lab.collect(
+            client, uri, experiment=experiment, run_ids=run_ids, parent=parent, by_gate=by_gate
+        )
+    except lab.NoRunsYet as empty:
+        # Nothing logged yet is not a mistake: say what the store holds and how to fill it.
+        click.echo(f"no runs to compare at {uri}; its experiments:", err=notes_to_stderr)
+        for name in empty.experiments:
+            click.echo(f"  {name}: no runs", err=notes_to_stderr)
+        click.echo(
+            "artplug run RECIPE logs a run here; --tracking-uri (or MLFLOW_TRACKING_URI) reads "
+            "another store",
+            err=notes_to_stderr,
+        )
+        return
+    for line in lab.describe(comparison, fmt):
         click.echo(line, err=notes_to_stderr)
     click.echo(lab.render(comparison, fmt))
+    for line in lab.notes(comparison):
+        click.echo(line, err=notes_to_stderr)
     if no_chart:
         return
     path = lab.plot_chart(comparison, chart or f"compare-{comparison.slug}.png")
@@ -293,14 +333,6 @@ class _Progress:
         )
 
 
-def _clock(seconds: float) -> str:
-    """``0:07``, ``12:30``, ``1:02:03``: minutes and seconds, hours when needed."""
-    whole = max(0, round(seconds))
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
 def _sweep(
     ctx: click.Context,
     recipe: str,
@@ -393,6 +425,8 @@ def _sweep(
     for line in lab.describe(comparison):
         click.echo(line)
     click.echo(lab.render(comparison, "table"))
+    for line in lab.notes(comparison):
+        click.echo(line)
     click.echo(parent.describe())
     if failed:
         click.echo(f"{failed} of {size} runs failed", err=True)
@@ -692,10 +726,8 @@ def _log_sweep_comparison(parent: Any, folder: Path) -> None:
     except artplug.ArtplugError:
         return  # no child run reached the store: nothing to compare
     table = folder / "compare.md"
-    table.write_text(
-        "\n\n".join([*lab.describe(comparison), lab.render(comparison, "markdown")]) + "\n",
-        encoding="utf-8",
-    )
+    parts = [*lab.describe(comparison, "markdown"), lab.render(comparison, "markdown")]
+    table.write_text("\n\n".join([*parts, *lab.notes(comparison)]) + "\n", encoding="utf-8")
     parent.log_artifact(table, artifact_path="sweep")
     chart = lab.plot_chart(comparison, folder / "compare.png")
     if chart is not None:
@@ -729,8 +761,9 @@ def rerun(
 ) -> None:
     """Run again from the resolved recipe logged with MLflow run RUN_ID, as a new run.
 
-    --set changes the recipe (e.g. run.seed=1 for another seed). The new run is tagged
-    artplug.rerun_of = RUN_ID and its description names the original and the changes.
+    --set changes the recipe (e.g. run.seed=1 for another seed); the new run is named after
+    the values it changes ('pgd-at run.seed=1'). It is tagged artplug.rerun_of = RUN_ID and its
+    description names the original and the changes.
     """
     _rerun(ctx, run_id, list(overrides), tracking_uri, quiet=quiet, max_steps=max_steps)
 
@@ -746,12 +779,18 @@ def _rerun(
 ) -> None:
     """The body of ``artplug rerun``."""
     from artplug import lab
+    from artplug.tracking import flatten
     from artplug.workflows import resolve_saved, run_recipe
 
     raw, original = lab.fetch_logged_recipe(run_id, tracking_uri)
     plugins = plugin_set(ctx)
     source = f"MLflow run {run_id} ({lab.RECIPE_ARTIFACT})"
     resolved = resolve_saved(plugins, raw, source, overrides, check_out_dir=True)
+    name = lab.rerun_name(resolved.run.name, overrides, flatten(resolved.to_dict()))
+    if name != resolved.run.name:
+        # Resolved again with its name: the name is part of the recipe (and of the folder's).
+        named = [*overrides, f"run.name={json.dumps(name)}"]
+        resolved = resolve_saved(plugins, raw, source, named, check_out_dir=True)
     changes = f"with --set {' '.join(overrides)}" if overrides else "unchanged"
     note = (
         f"Re-run of MLflow run {run_id} ('{original.info.run_name}') from its logged "

@@ -20,7 +20,14 @@ import pytest
 import torch
 
 import artplug.engine as engine
-from artplug.evaluate import ATTACKS, PGD_FAMILY, PGD_ONLY_NOTE, format_table, table_title
+from artplug.evaluate import (
+    ATTACKS,
+    PGD_FAMILY,
+    PGD_ONLY_NOTE,
+    black_box_note,
+    format_table,
+    table_title,
+)
 from artplug.recipe import DEFAULT_FINAL_ATTACKS, EvalSection, resolve
 from artplug.testing import digits_recipe
 
@@ -92,6 +99,22 @@ def test_format_table_names_the_strongest_attack_and_the_worst_case() -> None:
         "strongest single attack: apgd-dlr (41.20%); worst case over 3 attacks: 40.80%"
     )
     assert PGD_ONLY_NOTE not in lines
+
+
+def test_format_table_says_when_black_box_beats_every_white_box_attack() -> None:
+    results = {"clean": 0.9, "fgsm": 0.6, "pgd-20": 0.5, "square": 0.45, "worst": 0.44}
+    lines = format_table(results).splitlines()
+    assert lines[-1] == (
+        "WARNING: black-box square (45.00%) beats every white-box attack (best: pgd-20, "
+        "50.00%): a sign of gradient masking"
+    )
+    assert black_box_note(results) == lines[-1]
+    # A white-box attack at least as strong: nothing to say.
+    assert black_box_note({**results, "apgd-ce": 0.45}) is None
+    assert "WARNING" not in format_table({**results, "apgd-ce": 0.4})
+    # Square alone, or beside the ensembles that contain it: no white-box attack to compare.
+    assert black_box_note({"clean": 0.9, "square": 0.5}) is None
+    assert black_box_note({"clean": 0.9, "square": 0.5, "autoattack-art": 0.6}) is None
 
 
 def test_format_table_warns_when_only_pgd_ran() -> None:

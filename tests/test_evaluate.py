@@ -157,6 +157,38 @@ def test_attacks_lower_accuracy_in_order(model: TinyNet, test_set: tuple[Tensor,
     assert result["pgd-20"] < result["clean"] - 0.5  # eps 0.3 on digits breaks a standard model
 
 
+def test_on_batch_counts_the_model_passes_of_each_entry(
+    model: TinyNet, test_set: tuple[Tensor, Tensor]
+) -> None:
+    x, y = test_set[0][:100], test_set[1][:100]
+    current: list[str] = []
+    counts: dict[str, list[int]] = {}
+
+    def started(name: str) -> None:
+        current.append(name)
+        counts[name] = []
+
+    def batch(count: int) -> None:
+        counts[current[-1]].append(count)
+
+    evaluate(
+        model,
+        x,
+        y,
+        LINF,
+        ["clean", "fgsm", "pgd-20"],
+        batch_size=50,
+        on_attack=started,
+        on_batch=batch,
+    )
+    # 100 examples in batches of 50: the clean pass is two batches; each entry counts from 1.
+    assert counts["clean"] == [1, 2]
+    for name in ("fgsm", "pgd-20"):
+        assert counts[name] == list(range(1, len(counts[name]) + 1)), name
+    # Each of PGD's 20 steps runs every batch through the model: far more than FGSM's one step.
+    assert len(counts["pgd-20"]) >= 20 * len(counts["fgsm"]) // 2 > 0
+
+
 @pytest.mark.parametrize("name", ["fgsm", "pgd-20"])
 def test_linf_examples_inside_ball_and_box(
     model: TinyNet, test_set: tuple[Tensor, Tensor], name: str

@@ -150,10 +150,18 @@ def test_sweep_makes_a_parent_with_one_nested_child_per_combination(tracked, cap
         "sweep/compare.md",
         "sweep/compare.png",
     }
-    # The final table is the grid's comparison.
-    tail = out[out.index(f"sweep 'tiny sweep' ({parent.info.run_id}") :]
-    header = [cell.strip() for cell in tail.splitlines()[2].split("|")]
-    assert header[5] == "optim.lr" and header[6] == "clean"
+    # The final table is the grid's comparison; what the runs share is said above it.
+    tail = out[out.index(f"sweep 'tiny sweep' ({parent.info.run_id}") :].splitlines()
+    assert tail[2].startswith("same for all runs: techniques=pgd + cross-entropy, ")
+    header = [cell.strip() for cell in tail[3].split("|")]
+    assert header[:3] == ["name", "optim.lr", "clean"]
+    # One line per finished run, with the count so far and the time left (a serial sweep too).
+    done = [line for line in out.splitlines() if line.startswith("[") and " done" in line]
+    assert len(done) == 2
+    assert done[0].startswith("[1/2 done] optim.lr=0.05: FINISHED in 0:")
+    assert "; ETA 0:" in done[0]
+    assert done[1].startswith("[2/2 done] optim.lr=0.1: FINISHED")
+    assert done[1].endswith("; sweep done")
 
 
 def test_sweep_validates_every_combination_before_training(tracked, capsys):
@@ -236,6 +244,8 @@ def test_rerun_links_to_the_original_and_applies_overrides(tracked, capsys, tmp_
     assert code == 0, err
     (again,) = [r for r in runs_of(uri, experiment) if r.info.run_id != run_id]
     assert again.data.tags[lab.RERUN_TAG] == run_id
+    # Named after what changed, not a copy of the original's name.
+    assert original.info.run_name == "tiny" and again.info.run_name == "tiny optim.lr=0.02"
     assert json.loads(again.data.tags[lab.RERUN_OVERRIDES_TAG]) == ["optim.lr=0.02"]
     note = again.data.tags[lab.NOTE_TAG]
     assert run_id in note and "--set optim.lr=0.02" in note
@@ -244,8 +254,33 @@ def test_rerun_links_to_the_original_and_applies_overrides(tracked, capsys, tmp_
     before = recipe_artifact(uri, run_id, tmp_path / "a")
     after = recipe_artifact(uri, again.info.run_id, tmp_path / "b")
     assert after["optim"].pop("lr") == 0.02 and before["optim"].pop("lr") == 0.05
+    assert after["run"].pop("name") == "tiny optim.lr=0.02" and before["run"].pop("name") == "tiny"
     assert after == before  # everything else identical
     assert again.info.run_id in out
+
+
+def test_rerun_name_holds_the_actual_values():
+    values = {"optim.lr": "0.02", "run.seed": "1", "loss.0.beta": "6.0", "run.name": "mine"}
+    # The value the new recipe has, not the text given.
+    assert lab.rerun_name("pgd-at", ["optim.lr=0.020"], values) == "pgd-at optim.lr=0.02"
+    # loss[0].beta and loss.0.beta are one key; several keys in the order given.
+    assert (
+        lab.rerun_name("trades", ["loss[0].beta=6", "run.seed=1"], values)
+        == "trades loss.0.beta=6.0 run.seed=1"
+    )
+    # A sweep's run (or an earlier re-run) gets its part replaced, not repeated.
+    assert (
+        lab.rerun_name("tiny optim.lr=0.05 run.seed=0", ["optim.lr=0.02"], values)
+        == "tiny run.seed=0 optim.lr=0.02"
+    )
+    # Keys that do not change the results are not in the name; run.name wins.
+    assert lab.rerun_name("pgd-at", ["run.threads=1", "tracking.uri='x'"], values) == "pgd-at"
+    assert lab.rerun_name("pgd-at", ["optim.lr=0.02", 'run.name="mine"'], values) == "mine"
+    # A whole table has no flattened value: its text, without spaces.
+    assert (
+        lab.rerun_name("a", ['perturbation={use = "fgsm"}'], values)
+        == 'a perturbation={use="fgsm"}'
+    )
 
 
 def test_rerun_errors_are_one_line_exit_2(tracked, capsys):
