@@ -756,10 +756,10 @@ def runs_view_state() -> dict[str, Any]:
     """The runs-table view artplug stores in each experiment, as MLflow's UI reads it.
 
     Columns: ``test/clean_acc`` and ``test/worst_acc`` (the headline numbers), the tag
-    ``artplug.techniques`` and the description first; then every other ``test/<attack>_acc``
-    of the attack table (the UI drops those no run has), the tag ``artplug.sanity`` and the
-    parameters ``data.dataset``, ``model.arch``, ``threat.norm``, ``threat.eps`` and
-    ``run.epochs``. Newest runs first.
+    ``artplug.sanity`` (the gate's verdict travels with them), the tag ``artplug.techniques``
+    and the description first; then every other ``test/<attack>_acc`` of the attack table
+    (the UI drops those no run has) and the parameters ``data.dataset``, ``model.arch``,
+    ``threat.norm``, ``threat.eps`` and ``run.epochs``. Newest runs first.
     """
     from artplug.evaluate import ATTACKS
 
@@ -772,9 +772,10 @@ def runs_view_state() -> dict[str, Any]:
     ]
     description = "attributes.`Description`"
     # The headline first, so that a narrow window shows it without scrolling: clean and worst
-    # accuracy, the techniques, the description; then every other attack and the parameters.
-    columns = [*metrics[:2], tags[0], description, *metrics[2:], tags[1], *params]
-    widths = {column: 110 for column in metrics} | {description: 420, tags[0]: 170}
+    # accuracy with the sanity gate's verdict beside them (a failed gate means the worst case
+    # may be overstated), the techniques, the description; then the other attacks and params.
+    columns = [*metrics[:2], tags[1], tags[0], description, *metrics[2:], *params]
+    widths = {column: 110 for column in metrics} | {description: 420, tags[0]: 170, tags[1]: 130}
     return {
         "selectedColumns": columns,
         "columnOrder": columns,

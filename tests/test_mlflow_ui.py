@@ -155,9 +155,10 @@ def test_the_store_is_arranged_for_the_ui(store: tuple[str, str, str]) -> None:
     tags = client.get_experiment(experiment_id).tags
     assert tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
     view = json.loads(tags[VIEW_TAG])
-    assert view["selectedColumns"][:4] == [
+    assert view["selectedColumns"][:5] == [
         "metrics.`test/clean_acc`",
         "metrics.`test/worst_acc`",
+        "tags.`artplug.sanity`",
         "tags.`artplug.techniques`",
         "attributes.`Description`",
     ]
