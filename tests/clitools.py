@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,3 +37,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def call(args: Sequence[str], stderr: io.StringIO | None = None) -> tuple[int, str, str]:
+    """``artplug ARGS`` in-process with stdout and stderr redirected (no capsys needed):
+    (exit code, stdout, stderr). ``stderr`` lets a test pass a stream of its own (e.g. one
+    that claims to be a terminal)."""
+    out, err = io.StringIO(), stderr if stderr is not None else io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()

@@ -7,8 +7,6 @@ for. Each test checks that artplug refuses the file *and* that the marker was ne
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import random
 import shutil
@@ -18,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from clitools import call
 
 from artplug import checkpoint as ckpt
-from artplug.cli import main
 from artplug.engine import CHECKPOINT_NAME, build, restore
 from artplug.errors import CheckpointError
 from artplug.recipe import resolve
@@ -28,18 +26,6 @@ from artplug.testing import digits_recipe
 from artplug.workflows import train_and_evaluate
 
 FIX = "pass a checkpoint-*.pt file written by artplug"
-
-
-def call(args: list[str]) -> tuple[int, str, str]:
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
 
 
 def one_error(code: int, out: str, err: str) -> str:

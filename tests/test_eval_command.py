@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 
 import pytest
+from clitools import call
 
 from artplug import checkpoint as ckpt
-from artplug.cli import main
 from artplug.recipe import dumps_toml
 from artplug.testing import digits_recipe
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
-
-
-def call(args):
-    """Run the CLI; return (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-        except SystemExit as exc:
-            code = exc.code or 0
-    return code, out.getvalue(), err.getvalue()
 
 
 def errors(err: str) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import re
@@ -10,9 +9,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from clitools import call
 
 from artplug import engine, workflows
-from artplug.cli import main
 from artplug.cli_options import load
 from artplug.display import Display, clock, duration
 from artplug.recipe import dumps_toml
@@ -38,18 +37,6 @@ def screen(text: str) -> list[str]:
             shown = part + shown[len(part) :]
         lines.append(shown.rstrip())
     return lines
-
-
-def call(args: list[str], stderr: io.StringIO | None = None) -> tuple[int, str, str]:
-    """``artplug ARGS`` in-process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), stderr if stderr is not None else io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
 
 
 def tiny_recipe(path: Path, epochs: int = 2, **eval_settings: object) -> Path:
