@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from artplug.errors import ArtplugError, RecipeError, did_you_mean
-from artplug.kinds import KINDS, TRANSFORM_STAGES, Kind, transform_stage
+from artplug.kinds import KINDS, RECIPE_TABLE, TRANSFORM_STAGES, Kind, transform_stage
 from artplug.recipe import RESERVED_KEYS, resolve, toml_key, toml_value
 from artplug.registry import Entry, Registries
 
@@ -48,12 +48,6 @@ REFERENCE = Path("docs") / "techniques" / "reference.md"
 COMMAND = "python -m artplug.docgen"
 """The command that regenerates :data:`REFERENCE`."""
 
-KIND_TABLES: dict[Kind, str] = {
-    "perturbation": "[perturbation]",
-    "loss": "[[loss]]",
-    "transform": "[[transform]]",
-    "schedule": "[[schedule]]",
-}
 KIND_HEADINGS: dict[Kind, str] = {
     "perturbation": "Perturbations",
     "loss": "Loss terms",
@@ -478,7 +472,7 @@ def render_text(doc: TechniqueDoc) -> str:
         out += ["", f"Paper: {doc.paper}"]
     if doc.description:
         out += ["", doc.description]
-    out += ["", f"Parameters ({KIND_TABLES[doc.kind]} use = {toml_value(doc.name)}):"]
+    out += ["", f"Parameters ({RECIPE_TABLE[doc.kind]} use = {toml_value(doc.name)}):"]
     if not doc.params:
         out.append("  (none)")
     for param in doc.params:

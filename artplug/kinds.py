@@ -31,6 +31,13 @@ if TYPE_CHECKING:
 Norm = Literal["linf", "l2"]
 Kind = Literal["perturbation", "loss", "transform", "schedule"]
 KINDS: tuple[Kind, ...] = ("perturbation", "loss", "transform", "schedule")
+RECIPE_TABLE: dict[Kind, str] = {
+    "perturbation": "[perturbation]",
+    "loss": "[[loss]]",
+    "transform": "[[transform]]",
+    "schedule": "[[schedule]]",
+}
+"""The recipe table each kind of technique is chosen in (``use = NAME``)."""
 Need = Literal["clean", "adv"]
 TransformStage = Literal["activation", "sites", "features", "head"]
 TRANSFORM_STAGES: tuple[TransformStage, ...] = ("activation", "sites", "features", "head")

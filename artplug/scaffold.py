@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artplug.errors import ArtplugError
-from artplug.kinds import KINDS, Kind
+from artplug.kinds import KINDS, RECIPE_TABLE, Kind
+from artplug.plugins import HOOK_OF_KIND
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 """A technique name: lowercase kebab-case, as :class:`artplug.registry.Registry` requires."""
@@ -103,8 +104,8 @@ def _fill(template: str, names: Names) -> str:
         ("__TEST_IMPORTS__", TEST_IMPORTS[names.kind]),
         ("__TEST_HELPERS__", TEST_HELPERS[names.kind]),
         ("__CHECKER__", CHECKER[names.kind]),
-        ("__REGISTRY_HOOK__", HOOK[names.kind]),
-        ("__RECIPE_KEY__", RECIPE_KEY[names.kind]),
+        ("__REGISTRY_HOOK__", HOOK_OF_KIND[names.kind]),
+        ("__RECIPE_KEY__", RECIPE_TABLE[names.kind]),
     ):
         template = template.replace(token, value)
     return template
@@ -116,19 +117,6 @@ CHECKER: dict[Kind, str] = {
     "transform": "check_model_transform",
     "schedule": "check_schedule",
 }
-HOOK: dict[Kind, str] = {
-    "perturbation": "register_perturbations",
-    "loss": "register_loss_terms",
-    "transform": "register_model_transforms",
-    "schedule": "register_schedules",
-}
-RECIPE_KEY: dict[Kind, str] = {
-    "perturbation": "[perturbation]",
-    "loss": "[[loss]]",
-    "transform": "[[transform]]",
-    "schedule": "[[schedule]]",
-}
-
 PYPROJECT = """\
 [build-system]
 requires = ["setuptools>=68", "wheel"]

@@ -9,6 +9,7 @@ docs/tracking.md the same way, with the assistant panel closed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -16,11 +17,10 @@ import signal
 import struct
 import subprocess
 import sys
-import time
-import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from clitools import free_port
@@ -45,16 +45,17 @@ pytestmark = [
 ]
 
 
-def _wait(url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+def _load_screenshot_script() -> ModuleType:
+    """docs/img/make_screenshots.py, which draws the docs' pictures of the same pages."""
+    path = ROOT / "docs" / "img" / "make_screenshots.py"
+    spec = importlib.util.spec_from_file_location("make_screenshots", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+screenshots = _load_screenshot_script()
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def server(store: tuple[str, str, str]) -> Iterator[str]:
         start_new_session=True,  # its own process group: its workers stop with it
     )
     try:
-        _wait(f"http://127.0.0.1:{port}/health")
+        screenshots.wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120.0)
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(process.pid, signal.SIGTERM)
