@@ -205,7 +205,10 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
         if nproc is not None and nproc > 1:
             from artplug.distributed import check_global_batch
 
-            check_global_batch(resolved.data.batch_size, nproc)  # before starting anything
+            # Before starting anything; the error names the recipe and the key.
+            check_global_batch(
+                resolved.data.batch_size, nproc, f"{resolved.source}: data.batch_size"
+            )
             _relaunch(ctx, nproc)
         _busy_hint(resolved.run.threads)
         from artplug.workflows import run_recipe
@@ -280,7 +283,9 @@ def make_cli(plugin_set: PluginSet) -> click.Group:
 
             if not fork:
                 check_world_size(path, payload, world_size=nproc)
-            check_global_batch(resolved.data.batch_size, nproc)
+            check_global_batch(
+                resolved.data.batch_size, nproc, f"{resolved.source}: data.batch_size"
+            )
             _relaunch(ctx, nproc)
         _busy_hint(resolved.run.threads)
         run_recipe(

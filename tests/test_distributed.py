@@ -198,7 +198,9 @@ def test_nproc_checks_the_batch_before_starting_anything(tmp_path, capsys, monke
     monkeypatch.setattr(distributed, "launch", lambda n, args: launched.append((n, args)) or 0)
     code, _, err = run_main(["run", str(recipe), "--nproc", "3", "--no-track"], capsys)
     assert code == 2 and not launched
-    assert err.startswith("Error: data.batch_size = 64 is the global batch") and "\n" == err[-1]
+    # One line naming the recipe file and the key.
+    assert err.startswith(f"Error: {recipe}: data.batch_size = 64 is the global batch")
+    assert "\n" == err[-1]
     assert err.count("\n") == 1
 
 
